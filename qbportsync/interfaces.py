@@ -1,0 +1,49 @@
+"""The seams between the parts: what a source of forwarded ports must offer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+
+@frozen
+class Forwarded:
+    """A port the VPN forwards to this host, as one source saw it."""
+
+    port: int
+    source: str
+    note: str = ""
+    expires: float | None = None
+    """POSIX time when the gateway's lease ends; None for a port file."""
+
+
+class SourceUnavailable(Exception):
+    """This environment cannot provide the port this way (exit code 3)."""
+
+
+class SourceError(Exception):
+    """The source failed this time and may work later (exit code 1)."""
+
+
+class IPortSource(Interface):
+    """Something that learns the forwarded port and reports every change."""
+
+    name: str = Attribute("Short name used in logs, metrics and JSON: 'file'...")
+
+    def start(deliver: Callable[[Forwarded], object]) -> None:
+        """
+        Begin watching; call C{deliver} with each port seen, the current one
+        first as soon as it is known.
+        """
+
+    def stop() -> Deferred[None]:
+        """Stop watching and release what the source holds."""
+
+    def fetchOnce() -> Deferred[Forwarded]:
+        """
+        Learn the port once, for the one-shot mode.  Fails with
+        L{SourceUnavailable} or L{SourceError}.
+        """

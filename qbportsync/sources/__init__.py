@@ -1,0 +1,1 @@
+"""Sources of the forwarded port: a file the VPN client writes, or the gateway."""
