@@ -20,6 +20,20 @@ class Forwarded:
     """POSIX time when the gateway's lease ends; None for a port file."""
 
 
+@frozen
+class ApplyResult:
+    """What applying one port to qBittorrent did."""
+
+    port: int
+    previous: int | None
+    """qBittorrent's listening port before we touched it."""
+    applied: bool
+    """False when qBittorrent already had everything we wanted."""
+    verified: bool
+    """The port read back after the change equals C{port}."""
+    note: str = ""
+
+
 class SourceUnavailable(Exception):
     """This environment cannot provide the port this way (exit code 3)."""
 
@@ -47,3 +61,16 @@ class IPortSource(Interface):
         Learn the port once, for the one-shot mode.  Fails with
         L{SourceUnavailable} or L{SourceError}.
         """
+
+
+class IPortSink(Interface):
+    """Where forwarded ports go: qBittorrent's Web API."""
+
+    def apply(port: int, bindInterface: str) -> Deferred[ApplyResult]:
+        """
+        Make the sink listen on C{port} (and bind C{bindInterface} when not
+        empty), then read the setting back.
+        """
+
+    def listenPort() -> Deferred[int]:
+        """The port the sink listens on now."""

@@ -1,0 +1,107 @@
+"""Prometheus metrics, on a registry of their own (never the global one)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from attrs import frozen
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from qbportsync._version import __version__
+
+ErrorKind = Literal["qbittorrent", "auth", "gateway", "file", "parse"]
+ERROR_KINDS: tuple[ErrorKind, ...] = ("qbittorrent", "auth", "gateway", "file", "parse")
+
+
+@frozen
+class Metrics:
+    """Every metric the daemon exports; one instance per running service."""
+
+    registry: CollectorRegistry
+    port_updates: Counter
+    current_port: Gauge
+    last_update: Gauge
+    forwarded_port: Gauge
+    lease_expiry: Gauge
+    errors: Counter
+    epoch_resets: Counter
+    datagrams_dropped: Counter
+    apply_duration: Histogram
+    qbittorrent_up: Gauge
+
+    @classmethod
+    def create(cls) -> Metrics:
+        """Make a fresh registry holding all of our metrics, errors at zero."""
+        registry = CollectorRegistry(auto_describe=True)
+        ns = "qb_port_sync"
+        info = Info("build", "Version of qbportsync.", namespace=ns, registry=registry)
+        info.info({"version": __version__.short()})
+        errors = Counter(
+            "errors",
+            "Failures by kind: qbittorrent, auth, gateway, file, parse.",
+            ["kind"],
+            namespace=ns,
+            registry=registry,
+        )
+        for kind in ERROR_KINDS:
+            errors.labels(kind=kind)
+        return cls(
+            registry=registry,
+            port_updates=Counter(
+                "port_updates",
+                "Times qBittorrent's listening port was changed by us.",
+                namespace=ns,
+                registry=registry,
+            ),
+            current_port=Gauge(
+                "current_port",
+                "Listening port qBittorrent reported at the last check.",
+                namespace=ns,
+                registry=registry,
+            ),
+            last_update=Gauge(
+                "last_update_timestamp_seconds",
+                "POSIX time of the last successful, verified update.",
+                namespace=ns,
+                registry=registry,
+            ),
+            forwarded_port=Gauge(
+                "forwarded_port",
+                "Forwarded port most recently reported by the source.",
+                namespace=ns,
+                registry=registry,
+            ),
+            lease_expiry=Gauge(
+                "lease_expiry_timestamp_seconds",
+                "POSIX time when the gateway's current mapping expires.",
+                namespace=ns,
+                registry=registry,
+            ),
+            errors=errors,
+            epoch_resets=Counter(
+                "gateway_epoch_resets",
+                "Times the gateway was seen to lose its mappings.",
+                namespace=ns,
+                registry=registry,
+            ),
+            datagrams_dropped=Counter(
+                "datagrams_dropped",
+                "Datagrams ignored: malformed, spoofed or unexpected.",
+                ["reason"],
+                namespace=ns,
+                registry=registry,
+            ),
+            apply_duration=Histogram(
+                "apply_duration_seconds",
+                "Time to set and verify the port in qBittorrent.",
+                namespace=ns,
+                registry=registry,
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            ),
+            qbittorrent_up=Gauge(
+                "qbittorrent_up",
+                "1 when the last request to qBittorrent succeeded, else 0.",
+                namespace=ns,
+                registry=registry,
+            ),
+        )
