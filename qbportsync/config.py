@@ -1,12 +1,39 @@
-"""Configuration: TOML file, environment and defaults, as frozen records."""
+"""Configuration: TOML file, environment and defaults, as frozen records.
+
+`loadConfig` is the one entry point: it finds the file (`searchPath`), parses
+it with `tomllib`, checks every key, resolves the password and the port file
+path, and returns a `Config`.  Anything wrong raises `ConfigError`, whose
+message names the file, the dotted key and what is allowed, and never carries
+a password or API key.  Secrets readable by other users are not an error:
+they are logged as warnings through `twisted.logger` and loading goes on.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+import json
+import math
+import os
+import stat
+import sys
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal, cast
+from urllib.parse import urlsplit, urlunsplit
 
 from attrs import field, frozen
+from twisted.logger import Logger
+
+_log = Logger()
 
 Protocol = Literal["TCP", "UDP", "BOTH"]
+
+APP_DIR = "qb-port-sync"
+CONFIG_NAME = "config.toml"
+PASSWORD_ENV = "QB_PORT_SYNC_QB_PASSWORD"  # noqa: S105 -- a variable name
+API_KEY_ENV = "QB_PORT_SYNC_QB_API_KEY"
+_MAX_LIFETIME = 2**32 - 1
+_NO_FILE = "(no configuration file)"
 
 
 class ConfigError(Exception):
@@ -63,3 +90,443 @@ class Config:
     net: NetConfig = NetConfig()
     metrics: ListenConfig = ListenConfig()
     health: ListenConfig = ListenConfig()
+
+
+_KEYS: dict[str, tuple[str, ...]] = {
+    "qbittorrent": (
+        "base_url",
+        "username",
+        "password",
+        "password_file",
+        "api_key",
+        "ca_file",
+        "timeout_secs",
+        "verify_interval_secs",
+    ),
+    "protonvpn": ("forwarded_port_path",),
+    "portmap": (
+        "internal_port",
+        "protocol",
+        "lifetime_secs",
+        "refresh_secs",
+        "autodiscover_gateway",
+        "gateway",
+        "bind_address",
+        "release_on_exit",
+    ),
+    "net": ("bind_interface",),
+    "metrics": ("enabled", "port", "address"),
+    "health": ("enabled", "port", "address"),
+}
+_SECRET_KEYS = frozenset({"password", "api_key"})
+
+
+def searchPath(environ: Mapping[str, str], platform: str = sys.platform) -> list[str]:
+    """
+    The files `loadConfig` looks for when no path is given, first match wins.
+
+    The per-user file follows the XDG base directory rules: an absolute
+    `$XDG_CONFIG_HOME` replaces `$HOME/.config`.
+    """
+    paths = []
+    xdgHome = environ.get("XDG_CONFIG_HOME", "")
+    home = environ.get("HOME", "")
+    if os.path.isabs(xdgHome):
+        paths.append(os.path.join(xdgHome, APP_DIR, CONFIG_NAME))
+    elif home:
+        paths.append(os.path.join(home, ".config", APP_DIR, CONFIG_NAME))
+    if platform == "darwin":
+        paths.append(f"/Library/Application Support/{APP_DIR}/{CONFIG_NAME}")
+    paths.append(f"/etc/{APP_DIR}/{CONFIG_NAME}")
+    return paths
+
+
+def findConfig(
+    candidates: Iterable[str], exists: Callable[[str], bool] = os.path.lexists
+) -> str | None:
+    """The first candidate that exists (a dangling link counts, to be reported)."""
+    for candidate in candidates:
+        if exists(candidate):
+            return candidate
+    return None
+
+
+def defaultForwardedPortPath(environ: Mapping[str, str], uid: int) -> str:
+    """Where ProtonVPN's Linux app writes the forwarded port for this user."""
+    runtime = environ.get("XDG_RUNTIME_DIR", "") or f"/run/user/{uid}"
+    return os.path.join(runtime, "Proton", "VPN", "forwarded_port")
+
+
+def loadConfig(
+    path: str | None,
+    environ: Mapping[str, str],
+    *,
+    platform: str = sys.platform,
+    uid: int | None = None,
+    search: Sequence[str] | None = None,
+) -> Config:
+    """
+    Find, read and check the configuration.
+
+    @param path: the file given with C{--config}; it must exist.  With
+        L{None}, the first existing file of C{search} is read, or nothing.
+    @param environ: the process environment (C{os.environ} in production).
+    @param uid: the user id for the default port file path; L{None} means
+        C{os.getuid()}.
+    @param search: the files to look for; L{None} means L{searchPath}.
+    @raise ConfigError: naming the file and the key at fault.
+    """
+    if path is not None:
+        if not os.path.lexists(path):
+            raise ConfigError(f"{path}: no such file (given with --config)")
+        found: str | None = path
+    else:
+        if search is None:
+            search = searchPath(environ, platform)
+        found = findConfig(search)
+    tables = {} if found is None else _readToml(found)
+    return _Loader(found, environ, os.getuid() if uid is None else uid).build(tables)
+
+
+def _readToml(path: str) -> dict[str, object]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message carries the line and column, never a value.
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text, which TOML requires") from None
+
+
+def _describe(value: object) -> str:
+    """A value as TOML would spell it, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return str(value)
+
+
+def _kind(value: object) -> str:
+    """The TOML type of a value, for errors about secrets: never the value."""
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (int, "an integer")):
+        if isinstance(value, kind):
+            return name
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return "a date or time"
+
+
+def _expandUser(path: str, environ: Mapping[str, str]) -> str:
+    home = environ.get("HOME", "")
+    if home and (path == "~" or path.startswith("~/")):
+        return home + path[1:]
+    return os.path.expanduser(path)
+
+
+class _Section:
+    """Reads the keys of one TOML table, checking each against its rule."""
+
+    def __init__(self, file: str, name: str, table: Mapping[str, object]) -> None:
+        self.file = file
+        self.name = name
+        self.table = table
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.file}: {self.name}.{key} {problem}")
+
+    def _wrong(self, key: str, allowed: str, value: object) -> ConfigError:
+        got = _kind(value) if key in _SECRET_KEYS else _describe(value)
+        return self.fail(key, f"must be {allowed}, got {got}")
+
+    def string(self, key: str, default: str) -> str:
+        value = self.table.get(key, default)
+        if not isinstance(value, str):
+            raise self._wrong(key, "a string", value)
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.table.get(key, default)
+        if not isinstance(value, bool):
+            raise self._wrong(key, "true or false", value)
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.table.get(key, default)
+        # bool is a subclass of int: `port = true` must not read as port 1.
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not low <= value <= high
+        ):
+            raise self._wrong(key, f"a whole number from {low} to {high}", value)
+        return value
+
+    def port(self, key: str, default: int) -> int:
+        return self.integer(key, default, 0, 65535)
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.table.get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise self._wrong(key, "a positive number of seconds", value)
+        return float(value)
+
+    def ipv4(self, key: str, default: str) -> str:
+        value = self.string(key, default)
+        if value:
+            try:
+                ipaddress.IPv4Address(value)
+            except ValueError:
+                raise self._wrong(
+                    key, 'empty or an IPv4 address such as "10.2.0.1"', value
+                ) from None
+        return value
+
+    def listenAddress(self, key: str, default: str) -> str:
+        value = self.string(key, default)
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise self._wrong(
+                key,
+                'an IPv4 or IPv6 address such as "127.0.0.1" or "::1" '
+                '(use "0.0.0.0" or "::" for every interface)',
+                value,
+            ) from None
+        return value
+
+    def readableFile(self, key: str, environ: Mapping[str, str]) -> str | None:
+        value = self.string(key, "")
+        if not value:
+            return None
+        path = _expandUser(value, environ)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise self.fail(
+                key, f"must name a readable file, but {path}: {e.strerror}"
+            ) from None
+        return path
+
+
+class _Loader:
+    """Turns parsed TOML tables into a `Config`, checking every key."""
+
+    def __init__(self, file: str | None, environ: Mapping[str, str], uid: int) -> None:
+        self.path = file
+        self.file = _NO_FILE if file is None else file
+        self.environ = environ
+        self.uid = uid
+
+    def build(self, tables: Mapping[str, object]) -> Config:
+        sections = self.sections(tables)
+        metrics = self.listen(sections["metrics"])
+        return Config(
+            path=self.path,
+            qbittorrent=self.qbittorrent(sections["qbittorrent"]),
+            protonvpn=self.protonvpn(sections["protonvpn"]),
+            portmap=self.portmap(sections["portmap"]),
+            net=NetConfig(bind_interface=sections["net"].string("bind_interface", "")),
+            metrics=metrics,
+            health=self.health(sections["health"], metrics),
+        )
+
+    def sections(self, tables: Mapping[str, object]) -> dict[str, _Section]:
+        allowedSections = ", ".join(f"[{name}]" for name in _KEYS)
+        sections = {}
+        for name, table in tables.items():
+            if name not in _KEYS:
+                what = "section" if isinstance(table, dict) else "top-level key"
+                raise ConfigError(
+                    f"{self.file}: unknown {what} {name}; "
+                    f"allowed sections: {allowedSections}"
+                )
+            if not isinstance(table, dict):
+                raise ConfigError(
+                    f"{self.file}: {name} must be a table (a [{name}] section)"
+                )
+        for name, allowed in _KEYS.items():
+            table = cast(dict[str, object], tables.get(name, {}))
+            for key in table:
+                if key not in allowed:
+                    raise ConfigError(
+                        f"{self.file}: unknown key {name}.{key}; "
+                        f"allowed keys in [{name}]: {', '.join(allowed)}"
+                    )
+            sections[name] = _Section(self.file, name, table)
+        return sections
+
+    def qbittorrent(self, section: _Section) -> QBittorrentConfig:
+        defaults = QBittorrentConfig()
+        password = section.string("password", defaults.password)
+        apiKey = section.string("api_key", defaults.api_key)
+        if password or apiKey:
+            self.warnIfShared(self.file, "a password or API key")
+        passwordFile = section.string("password_file", "")
+        filePassword = ""
+        if passwordFile:
+            path = _expandUser(passwordFile, self.environ)
+            filePassword = self.readPassword(section, path)
+            self.warnIfShared(path, "a password")
+        return QBittorrentConfig(
+            base_url=self.baseURL(section, defaults.base_url),
+            username=section.string("username", defaults.username),
+            password=(password or self.environ.get(PASSWORD_ENV, "") or filePassword),
+            api_key=apiKey or self.environ.get(API_KEY_ENV, ""),
+            ca_file=section.readableFile("ca_file", self.environ),
+            timeout_secs=section.seconds("timeout_secs", defaults.timeout_secs),
+            verify_interval_secs=section.seconds(
+                "verify_interval_secs", defaults.verify_interval_secs
+            ),
+        )
+
+    def baseURL(self, section: _Section, default: str) -> str:
+        value = section.string("base_url", default)
+        allowed = (
+            'an http:// or https:// URL with a host, such as "http://127.0.0.1:8080"'
+        )
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 -- raises ValueError when out of range
+        except ValueError:
+            raise section.fail("base_url", f"must be {allowed}") from None
+        if "@" in parts.netloc:
+            # Never echo it: the user name and password would be in the message.
+            raise section.fail(
+                "base_url",
+                "must not carry a user name or password; "
+                "use qbittorrent.username and qbittorrent.password",
+            )
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+            or any(c.isspace() for c in value)
+        ):
+            raise section.fail("base_url", f"must be {allowed}, got {_describe(value)}")
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
+
+    def readPassword(self, section: _Section, path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except OSError as e:
+            raise section.fail(
+                "password_file", f"must name a readable file, but {path}: {e.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise section.fail(
+                "password_file", f"must name a UTF-8 text file, but {path} is not"
+            ) from None
+        return text.removesuffix("\n").removesuffix("\r")
+
+    def warnIfShared(self, path: str, holds: str) -> None:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            return
+        if mode & 0o077:
+            _log.warn(
+                "{file} holds {holds} but other users can read it "
+                "(mode {mode:04o}); fix it with: chmod 600 {file}",
+                file=path,
+                holds=holds,
+                mode=mode,
+            )
+
+    def protonvpn(self, section: _Section) -> ProtonVPNConfig:
+        value = section.string("forwarded_port_path", "")
+        if value:
+            path = _expandUser(value, self.environ)
+        else:
+            path = defaultForwardedPortPath(self.environ, self.uid)
+        return ProtonVPNConfig(forwarded_port_path=path)
+
+    def portmap(self, section: _Section) -> PortmapConfig:
+        defaults = PortmapConfig()
+        protocol = section.string("protocol", defaults.protocol)
+        if protocol.upper() not in ("TCP", "UDP", "BOTH"):
+            raise section.fail(
+                "protocol", f'must be "TCP", "UDP" or "BOTH", got {_describe(protocol)}'
+            )
+        return PortmapConfig(
+            internal_port=section.port("internal_port", defaults.internal_port),
+            protocol=cast(Protocol, protocol.upper()),
+            lifetime_secs=section.integer(
+                "lifetime_secs", defaults.lifetime_secs, 1, _MAX_LIFETIME
+            ),
+            refresh_secs=section.integer(
+                "refresh_secs", defaults.refresh_secs, 1, _MAX_LIFETIME
+            ),
+            autodiscover_gateway=section.boolean(
+                "autodiscover_gateway", defaults.autodiscover_gateway
+            ),
+            gateway=section.ipv4("gateway", defaults.gateway),
+            bind_address=section.ipv4("bind_address", defaults.bind_address),
+            release_on_exit=section.boolean(
+                "release_on_exit", defaults.release_on_exit
+            ),
+        )
+
+    def listen(self, section: _Section) -> ListenConfig:
+        defaults = ListenConfig()
+        enabled = section.boolean("enabled", defaults.enabled)
+        port = section.port("port", defaults.port)
+        if enabled and port == 0:
+            raise section.fail(
+                "port",
+                f"must be a whole number from 1 to 65535 when {section.name}.enabled "
+                "is true, got 0",
+            )
+        return ListenConfig(
+            enabled=enabled,
+            port=port,
+            address=section.listenAddress("address", defaults.address),
+        )
+
+    def health(self, section: _Section, metrics: ListenConfig) -> ListenConfig:
+        """Health's port 0 means "on the metrics port": resolve it here."""
+        enabled = section.boolean("enabled", False)
+        port = section.port("port", 0)
+        if not enabled or port != 0:
+            health = self.listen(section)
+        elif metrics.port == 0:
+            raise section.fail(
+                "port",
+                "is 0, which means the metrics port, but metrics.port is 0 too; "
+                "set one of them to a port from 1 to 65535",
+            )
+        else:
+            address = section.listenAddress("address", metrics.address)
+            health = ListenConfig(enabled=True, port=metrics.port, address=address)
+        if (
+            health.enabled
+            and metrics.enabled
+            and health.port == metrics.port
+            and health.address != metrics.address
+        ):
+            raise section.fail(
+                "address",
+                f"must equal metrics.address ({_describe(metrics.address)}) "
+                f"when both listen on port {health.port}, "
+                f"got {_describe(health.address)}",
+            )
+        return health

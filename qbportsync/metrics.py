@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 from attrs import frozen
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from qbportsync._version import __version__
 
 ErrorKind = Literal["qbittorrent", "auth", "gateway", "file", "parse"]
 ERROR_KINDS: tuple[ErrorKind, ...] = ("qbittorrent", "auth", "gateway", "file", "parse")
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+"""The media type of what L{Metrics.exposition} returns."""
+
+
+class _WithoutCreated(Collector):
+    """
+    A view of a registry without the C{_created} samples of counters and
+    histograms: they only say when the process started, and turning them off
+    with prometheus-client's own switch would change every registry in the
+    process.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            created = family.name + "_created"
+            kept.samples = [s for s in family.samples if s.name != created]
+            yield kept
 
 
 @frozen
@@ -28,6 +61,10 @@ class Metrics:
     datagrams_dropped: Counter
     apply_duration: Histogram
     qbittorrent_up: Gauge
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format (L{CONTENT_TYPE}) of every metric."""
+        return generate_latest(_WithoutCreated(self.registry))
 
     @classmethod
     def create(cls) -> Metrics:

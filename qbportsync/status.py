@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from attrs import frozen
 
 LEASE_MARGIN_SECS = 10.0
@@ -26,16 +28,63 @@ class SyncStatus:
     last_attempt_failed: bool = False
 
 
+def unhealthyReason(status: SyncStatus, now: float) -> str | None:
+    """Why the daemon is unhealthy at POSIX time C{now}, or None if it is not."""
+    if status.last_success is None:
+        return "qBittorrent has not been updated yet"
+    if not status.verified:
+        return "qBittorrent's port was not verified"
+    if status.last_attempt_failed:
+        return "the last attempt failed"
+    if (
+        status.lease_expires is not None
+        and status.lease_expires - now < LEASE_MARGIN_SECS
+    ):
+        return "the gateway lease is about to expire unrenewed"
+    return None
+
+
 def isHealthy(status: SyncStatus, now: float) -> bool:
     """
     Healthy once qBittorrent was updated and verified, the last attempt did
     not fail, and any gateway lease is not about to run out.
     """
-    if status.last_success is None or not status.verified:
-        return False
-    if status.last_attempt_failed:
-        return False
-    return not (
-        status.lease_expires is not None
-        and status.lease_expires - now < LEASE_MARGIN_SECS
-    )
+    return unhealthyReason(status, now) is None
+
+
+def _timestamp(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")
+
+
+def statusDocument(status: SyncStatus, now: float) -> dict[str, object]:
+    """The JSON object that /status serves; timestamps in RFC 3339, UTC."""
+    reason = unhealthyReason(status, now)
+    return {
+        "healthy": reason is None,
+        "reason": reason,
+        "strategy": status.strategy,
+        "source_port": status.source_port,
+        "applied_port": status.applied_port,
+        "verified": status.verified,
+        "last_success": _timestamp(status.last_success),
+        "last_error": status.last_error,
+        "last_error_at": _timestamp(status.last_error_at),
+        "last_attempt_failed": status.last_attempt_failed,
+        "lease_expires": _timestamp(status.lease_expires),
+        "now": _timestamp(now),
+    }
+
+
+def statusLine(status: SyncStatus) -> str:
+    """One line for systemd's STATUS=, e.g. C{port 51413 via natpmp, verified}."""
+    if status.applied_port is None:
+        if status.last_error is not None:
+            return f"no port applied yet ({status.strategy}): {status.last_error}"
+        return f"waiting for a forwarded port ({status.strategy})"
+    line = f"port {status.applied_port} via {status.strategy}"
+    line += ", verified" if status.verified else ", not verified"
+    if status.last_attempt_failed and status.last_error is not None:
+        line += f"; last attempt failed: {status.last_error}"
+    return line

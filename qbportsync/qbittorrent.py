@@ -1,0 +1,443 @@
+"""
+qBittorrent's Web API (v2): log in without ever earning a ban, set the
+listening port, read it back.
+
+One L{QBittorrentClient} lives as long as the daemon and shares one treq
+C{HTTPClient}, so the session cookie (C{SID} up to 5.1, C{QBT_SID_<port>}
+from 5.2) stays in its cookie jar whatever its name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from hyperlink import URL
+from OpenSSL import SSL
+from service_identity import VerificationError
+from treq.client import HTTPClient
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseFailed
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from qbportsync.config import ConfigError, QBittorrentConfig
+from qbportsync.interfaces import ApplyResult, IPortSink
+
+_log = Logger()
+
+FIRST_LOGIN_DELAY = 600.0
+"""Seconds to wait after the first refused login before trying again."""
+MAX_LOGIN_DELAY = 3600.0
+"""The longest wait after refused logins; also qBittorrent's default ban."""
+BAN_DELAY = 3600.0
+"""Seconds to wait once qBittorrent says our address is banned."""
+
+RefusalReason = Literal["credentials", "banned"]
+
+
+class QBittorrentError(Exception):
+    """Talking to qBittorrent failed this time; the message names the URL."""
+
+
+class LoginRefused(QBittorrentError):
+    """qBittorrent refused our credentials (or API key), or banned us."""
+
+    def __init__(self, message: str, reason: RefusalReason, retryAt: float) -> None:
+        super().__init__(message)
+        self.reason: RefusalReason = reason
+        self.retryAt = retryAt
+        """C{reactor.seconds()} before which no login will be attempted."""
+
+
+def makeHTTPClient(reactor: Any, config: QBittorrentConfig) -> HTTPClient:
+    """
+    The one HTTP client (and cookie jar) for the daemon's life.  HTTPS is
+    verified against the system's trust store, or only against the CA
+    certificates in C{config.ca_file} when that is set.
+    """
+    policy: IPolicyForHTTPS
+    if config.ca_file:
+        policy = BrowserLikePolicyForHTTPS(trustRoot=_loadTrustRoot(config.ca_file))
+    else:
+        policy = BrowserLikePolicyForHTTPS()
+    return HTTPClient(Agent(reactor, contextFactory=policy))
+
+
+def _loadTrustRoot(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise ConfigError(
+            f"[qbittorrent] ca_file {path}: cannot read it ({e.strerror})"
+        ) from e
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise ConfigError(
+            f"[qbittorrent] ca_file {path}: not a PEM file of CA certificates"
+        ) from e
+    return trustRootFromCertificates(
+        [Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates]
+    )
+
+
+def _origin(url: URL) -> str:
+    # Twisted's Agent leaves a scheme's default port out of the Host header
+    # and qBittorrent compares ports literally, so Origin must leave it out too.
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    if url.port is None or url.port == {"http": 80, "https": 443}.get(url.scheme):
+        return f"{url.scheme}://{host}"
+    return f"{url.scheme}://{host}:{url.port}"
+
+
+@implementer(IPortSink)
+class QBittorrentClient:
+    """Sets and reads qBittorrent's listening port through its Web API."""
+
+    def __init__(
+        self, reactor: IReactorTime, http: HTTPClient, config: QBittorrentConfig
+    ) -> None:
+        self._reactor = reactor
+        self._http = http
+        self._config = config
+        url = URL.from_text(config.base_url).replace(
+            userinfo="", query=(), fragment=""
+        )
+        self._baseURL = url.to_text().rstrip("/")
+        self._headers = {"Referer": _origin(url), "Origin": _origin(url)}
+        if config.api_key:
+            self._headers["Authorization"] = f"Bearer {config.api_key}"
+        self._loginLock = defer.DeferredLock()
+        self._loggedIn = False
+        self._session = 0
+        """Counts successful logins, so one stale 403 cannot void a newer login."""
+        self._refusals = 0
+        self._refused: LoginRefused | None = None
+        self._apiKeyRejected = False
+
+    def __repr__(self) -> str:
+        return f"<QBittorrentClient {self._baseURL}>"
+
+    @property
+    def baseURL(self) -> str:
+        """qBittorrent's address as configured, without credentials."""
+        return self._baseURL
+
+    def apply(self, port: int, bindInterface: str = "") -> defer.Deferred[ApplyResult]:
+        """
+        Make qBittorrent listen on C{port} with random port and its own
+        UPnP/NAT-PMP off, bound to C{bindInterface} when qBittorrent knows
+        that interface, then read the port back.  Fails with L{ValueError}
+        for a port outside 1-65535, which qBittorrent would accept and then
+        listen on nothing.
+        """
+        return defer.Deferred.fromCoroutine(self._apply(port, bindInterface))
+
+    def listenPort(self) -> defer.Deferred[int]:
+        """The port qBittorrent is set to listen on now."""
+        return defer.Deferred.fromCoroutine(self._listenPort())
+
+    def version(self) -> defer.Deferred[str]:
+        """qBittorrent's version, such as C{v4.5.2}."""
+        return defer.Deferred.fromCoroutine(self._version())
+
+    async def _version(self) -> str:
+        return (await self._call("GET", "app/version")).decode("utf-8").strip()
+
+    async def _listenPort(self) -> int:
+        url, prefs = await self._preferences()
+        return _portField(prefs, "listen_port", url)
+
+    async def _apply(self, port: int, bindInterface: str) -> ApplyResult:
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is outside 1-65535")
+        url, prefs = await self._preferences()
+        previous = _portField(prefs, "listen_port", url)
+        wanted: dict[str, object] = {
+            "listen_port": port,
+            "random_port": False,
+            "upnp": False,
+        }
+        note = ""
+        if bindInterface:
+            interface = await self._findInterface(bindInterface)
+            if interface is None:
+                note = (
+                    f"network interface {bindInterface} is not in qBittorrent's "
+                    "list; the port was set without binding to it"
+                )
+                _log.warn(
+                    "qBittorrent at {url} does not list network interface "
+                    "{interface}; setting the port without binding to it",
+                    url=self._baseURL,
+                    interface=bindInterface,
+                )
+            else:
+                wanted["current_network_interface"] = interface
+        if all(prefs.get(key, False) == value for key, value in wanted.items()):
+            _log.debug(
+                "qBittorrent at {url} already listens on port {port}",
+                url=self._baseURL,
+                port=port,
+            )
+            return ApplyResult(port, previous, applied=False, verified=True, note=note)
+
+        await self._call(
+            "POST", "app/setPreferences", {"json": json.dumps(wanted)}, (200, 204)
+        )
+        url, prefs = await self._preferences()
+        actual = _portField(prefs, "listen_port", url)
+        randomPort = prefs.get("random_port", False)
+        verified = actual == port and not randomPort
+        if verified:
+            _log.info(
+                "qBittorrent at {url} now listens on port {port} (was {previous})",
+                url=self._baseURL,
+                port=port,
+                previous=previous,
+            )
+        else:
+            _log.warn(
+                "qBittorrent at {url} did not keep port {port}: it reports "
+                "listen_port {actual}, random_port {randomPort}",
+                url=self._baseURL,
+                port=port,
+                actual=actual,
+                randomPort=randomPort,
+            )
+        return ApplyResult(port, previous, applied=True, verified=verified, note=note)
+
+    async def _preferences(self) -> tuple[str, dict[str, Any]]:
+        url = self._endpoint("app/preferences")
+        prefs = _parseJSON(await self._call("GET", "app/preferences"), url)
+        if not isinstance(prefs, dict):
+            raise QBittorrentError(f"{url} answered JSON that is not an object")
+        return url, prefs
+
+    async def _findInterface(self, wanted: str) -> str | None:
+        url = self._endpoint("app/networkInterfaceList")
+        entries = _parseJSON(await self._call("GET", "app/networkInterfaceList"), url)
+        if not isinstance(entries, list):
+            raise QBittorrentError(f"{url} answered JSON that is not a list")
+        for entry in entries:
+            if isinstance(entry, dict) and wanted in (
+                entry.get("value"),
+                entry.get("name"),
+            ):
+                return str(entry.get("value"))
+        return None
+
+    def _endpoint(self, path: str) -> str:
+        return f"{self._baseURL}/api/v2/{path}"
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        data: dict[str, str] | None = None,
+        ok: tuple[int, ...] = (200,),
+    ) -> bytes:
+        """
+        One Web API call, logging in first when needed and once more when
+        the session turns out to have expired; the body of the answer.
+        """
+        url = self._endpoint(path)
+        if self._config.api_key:
+            code, body = await self._send(method, url, data)
+            if code in (401, 403):
+                raise self._apiKeyRefused(url, code)
+            self._apiKeyRejected = False
+        else:
+            await self._ensureLoggedIn()
+            session = self._session
+            code, body = await self._send(method, url, data)
+            if code == 403:
+                if self._session == session:
+                    self._loggedIn = False
+                await self._ensureLoggedIn()
+                code, body = await self._send(method, url, data)
+                if code == 403:
+                    raise QBittorrentError(
+                        f"{url} answered 403 Forbidden even after logging in again"
+                    )
+            if code == 401:
+                raise QBittorrentError(
+                    f"{url} answered 401 Unauthorized: qBittorrent's CSRF or "
+                    "Host header check refused the request; base_url must be "
+                    "the address qBittorrent is reached at (a reverse proxy "
+                    "must pass the Host header through)"
+                )
+        if code not in ok:
+            raise QBittorrentError(_unexpected(url, code))
+        return body
+
+    def _apiKeyRefused(self, url: str, code: int) -> LoginRefused:
+        now = self._reactor.seconds()
+        if not self._apiKeyRejected:
+            self._apiKeyRejected = True
+            _log.error(
+                "qBittorrent at {url} rejected the API key (HTTP {code}); "
+                "check [qbittorrent] api_key",
+                url=self._baseURL,
+                code=code,
+            )
+        return LoginRefused(
+            f"{url} rejected the API key (HTTP {code})", "credentials", now
+        )
+
+    async def _ensureLoggedIn(self) -> None:
+        # The lock keeps concurrent calls from sending two logins at once:
+        # with a wrong password each would count towards a ban.
+        await self._loginLock.run(
+            lambda: defer.Deferred.fromCoroutine(self._loginIfNeeded())
+        )
+
+    async def _loginIfNeeded(self) -> None:
+        if self._loggedIn:
+            return
+        now = self._reactor.seconds()
+        if self._refused is not None and now < self._refused.retryAt:
+            refused = self._refused
+            raise LoginRefused(str(refused), refused.reason, refused.retryAt)
+        url = self._endpoint("auth/login")
+        form = {"username": self._config.username, "password": self._config.password}
+        code, body = await self._send("POST", url, form)
+        if (code == 200 and body.strip() == b"Ok.") or code == 204:
+            self._loggedIn = True
+            self._session += 1
+            self._refusals = 0
+            self._refused = None
+            _log.info("logged in to qBittorrent at {url}", url=self._baseURL)
+        elif (code == 200 and body.strip() == b"Fails.") or code == 401:
+            raise self._refuse(url, "credentials", now)
+        elif code == 403:
+            raise self._refuse(url, "banned", now)
+        elif code == 200:
+            raise QBittorrentError(
+                f"{url} answered 200 but neither 'Ok.' nor 'Fails.': "
+                "is base_url the address of qBittorrent's Web UI?"
+            )
+        else:
+            raise QBittorrentError(_unexpected(url, code))
+
+    def _refuse(self, url: str, reason: RefusalReason, now: float) -> LoginRefused:
+        self._refusals += 1
+        if reason == "banned":
+            delay = BAN_DELAY
+            why = (
+                "qBittorrent has banned this address after too many failed "
+                "logins (its WebUI ban lasts 1 hour by default)"
+            )
+        else:
+            delay = min(FIRST_LOGIN_DELAY * 2 ** (self._refusals - 1), MAX_LOGIN_DELAY)
+            why = "wrong username or password"
+        retryAt = now + delay
+        at = time.strftime("%H:%M:%S", time.localtime(retryAt))
+        _log.error(
+            "qBittorrent at {url} refused the login: {why}; not trying again "
+            "for {delay:.0f} s (until {at})",
+            url=self._baseURL,
+            why=why,
+            reason=reason,
+            delay=delay,
+            at=at,
+            retryAt=retryAt,
+        )
+        self._refused = LoginRefused(
+            f"{url} refused the login: {why}; next attempt after {at}",
+            reason,
+            retryAt,
+        )
+        return self._refused
+
+    async def _send(
+        self, method: str, url: str, data: dict[str, str] | None
+    ) -> tuple[int, bytes]:
+        async def exchange() -> tuple[int, bytes]:
+            response = await self._http.request(
+                method,
+                url,
+                headers=self._headers,
+                data=data,
+                allow_redirects=False,
+            )
+            body = await response.content()
+            if 300 <= response.code < 400:
+                location = response.headers.getRawHeaders("location", [""])[0]
+                raise QBittorrentError(
+                    f"{url} redirects to {location!r}: set base_url to the "
+                    "address qBittorrent answers at"
+                )
+            return response.code, body
+
+        timeout = self._config.timeout_secs
+        try:
+            return await defer.Deferred.fromCoroutine(exchange()).addTimeout(
+                timeout, self._reactor
+            )
+        except QBittorrentError:
+            raise
+        except defer.TimeoutError as e:
+            raise QBittorrentError(f"{url} did not answer within {timeout:g} s") from e
+        except Exception as e:
+            raise QBittorrentError(f"{url}: {_describe(e)}") from e
+
+
+def _describe(e: Exception) -> str:
+    """Say in words why a request got no answer."""
+    reasons: list[Failure] = getattr(e, "reasons", [])
+    for reason in reasons:
+        if reason.check(SSL.Error, VerificationError):
+            return (
+                f"the TLS certificate could not be verified ({reason.value}); if "
+                "qBittorrent uses a self-signed or private-CA certificate, set "
+                "[qbittorrent] ca_file to that CA certificate (PEM)"
+            )
+    if reasons and not isinstance(e, ResponseFailed):
+        return "the connection failed: " + "; ".join(
+            r.getErrorMessage() for r in reasons
+        )
+    if isinstance(e, error.ConnectionRefusedError):
+        return (
+            "connection refused; is qBittorrent running with its Web UI on "
+            "that address and port?"
+        )
+    if isinstance(e, error.DNSLookupError):
+        return f"the host name could not be resolved ({e})"
+    if isinstance(e, error.ConnectError):
+        return f"could not connect ({e})"
+    if isinstance(e, ResponseFailed):
+        return "the connection broke off during the answer"
+    return f"{type(e).__name__}: {e}"
+
+
+def _unexpected(url: str, code: int) -> str:
+    if code == 404:
+        return f"{url} answered 404 Not Found: is base_url qBittorrent's Web UI?"
+    if code >= 500:
+        return f"{url} answered {code}: qBittorrent (or a proxy before it) failed"
+    return f"{url} answered an unexpected HTTP {code}"
+
+
+def _parseJSON(body: bytes, url: str) -> object:
+    try:
+        result: object = json.loads(body)
+    except ValueError as e:
+        raise QBittorrentError(f"{url} answered something that is not JSON") from e
+    return result
+
+
+def _portField(prefs: dict[str, Any], key: str, url: str) -> int:
+    value = prefs.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise QBittorrentError(f"{url} answered no integer {key}: {value!r}")
+    return value

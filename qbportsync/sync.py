@@ -1,0 +1,258 @@
+"""
+The PortSync service: carries each forwarded port from a source into
+qBittorrent, retries failures, and puts the port back when it drifts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from attrs import evolve
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from qbportsync.interfaces import ApplyResult, Forwarded, IPortSink, IPortSource
+from qbportsync.metrics import Metrics
+from qbportsync.qbittorrent import LoginRefused
+from qbportsync.status import SyncStatus
+
+_log = Logger()
+
+FIRST_RETRY_SECS = 1.0
+MAX_RETRY_SECS = 60.0
+"""Never wait longer: a gateway lease may last only 60 s."""
+JITTER = 0.2
+
+
+def retryDelay(failures: int, rnd: Callable[[], float]) -> float:
+    """
+    Seconds to wait after the C{failures}-th failure in a row: about one
+    second, doubling to a minute, spread by +/-20 % so that many daemons
+    do not retry in step.
+    """
+    base = min(MAX_RETRY_SECS, FIRST_RETRY_SECS * 2 ** min(failures - 1, 16))
+    return base * (1 - JITTER + 2 * JITTER * rnd())
+
+
+class PortSync(Service):
+    """
+    Keep qBittorrent listening on the latest forwarded port.
+
+    Ports that arrive while an update is under way are not queued: when it
+    ends, only the latest one is applied.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        source: IPortSource,
+        sink: IPortSink,
+        metrics: Metrics,
+        *,
+        bindInterface: str = "",
+        verifyInterval: float = 30.0,
+        rnd: Callable[[], float] = random.random,
+        onStatus: Callable[[SyncStatus], object] = lambda status: None,
+    ) -> None:
+        self._reactor = reactor
+        self._source = source
+        self._sink = sink
+        self._metrics = metrics
+        self._bindInterface = bindInterface
+        self._rnd = rnd
+        self._onStatus = onStatus
+        self._status = SyncStatus(strategy=source.name)
+        self._wanted: int | None = None
+        self._settled: int | None = None
+        """The port qBittorrent was last seen to listen on, as we want."""
+        self._inFlight: Deferred[object] | None = None
+        self._retry: IDelayedCall | None = None
+        self._failures = 0
+        self._verifier = LoopingCall(self._verify)
+        self._verifier.clock = reactor
+        self._verifyInterval = verifyInterval
+
+    @property
+    def status(self) -> SyncStatus:
+        """The latest snapshot of what this service knows."""
+        return self._status
+
+    def startService(self) -> None:
+        """Start the source and the periodic check of qBittorrent's port."""
+        super().startService()
+        _log.info(
+            "Syncing the forwarded port into qBittorrent (source: {strategy})",
+            strategy=self._source.name,
+        )
+        self._source.start(self.portSeen)
+        self._verifier.start(self._verifyInterval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the source, the timers and any request in flight."""
+        super().stopService()
+        if self._verifier.running:
+            self._verifier.stop()
+        self._cancelRetry()
+        if self._inFlight is not None:
+            self._inFlight.cancel()
+        return self._source.stop()
+
+    def portSeen(self, forwarded: Forwarded) -> None:
+        """The source reports a port: apply it unless qBittorrent has it."""
+        self._setStatus(source_port=forwarded.port, lease_expires=forwarded.expires)
+        if forwarded.expires is not None:
+            self._metrics.lease_expiry.set(forwarded.expires)
+        if forwarded.port != self._wanted:
+            _log.info(
+                "The VPN forwards port {port} ({source})",
+                port=forwarded.port,
+                source=forwarded.source,
+            )
+            self._wanted = forwarded.port
+            # A new port is worth trying at once, even while waiting to retry.
+            self._cancelRetry()
+        self._update()
+
+    def _update(self) -> None:
+        """Start an update if one is needed and none is running."""
+        if not self.running or self._inFlight is not None or self._retry is not None:
+            return
+        port = self._wanted
+        if port is None or port == self._settled:
+            return
+        started = self._reactor.seconds()
+        d = self._sink.apply(port, self._bindInterface)
+        self._inFlight = d.addCallbacks(
+            self._applied, self._failed, errbackArgs=(port,)
+        ).addCallback(self._observeDuration, started)
+        self._inFlight.addBoth(self._finished)
+
+    def _applied(self, result: ApplyResult) -> None:
+        now = self._reactor.seconds()
+        self._failures = 0
+        self._metrics.qbittorrent_up.set(1)
+        if not result.verified:
+            self._recordError(
+                f"qBittorrent did not keep port {result.port}", "qbittorrent"
+            )
+            self._scheduleRetry()
+            return
+        self._settled = result.port
+        self._metrics.current_port.set(result.port)
+        self._metrics.last_update.set(now)
+        if result.applied:
+            self._metrics.port_updates.inc()
+            _log.info(
+                "qBittorrent now listens on port {port} (was {previous}){note}",
+                port=result.port,
+                previous=result.previous,
+                note=f"; {result.note}" if result.note else "",
+            )
+        else:
+            _log.info(
+                "qBittorrent already listens on port {port}{note}",
+                port=result.port,
+                note=f"; {result.note}" if result.note else "",
+            )
+        self._setStatus(
+            applied_port=result.port,
+            verified=True,
+            last_success=now,
+            last_attempt_failed=False,
+        )
+
+    def _failed(self, failure: Failure, port: int) -> None:
+        if not self.running:
+            return  # cancelled by stopService
+        if failure.check(LoginRefused):
+            refused = failure.value
+            assert isinstance(refused, LoginRefused)
+            self._recordError(str(refused), "auth")
+            self._scheduleRetry(at=refused.retryAt)
+            return
+        self._metrics.qbittorrent_up.set(0)
+        self._recordError(failure.getErrorMessage(), "qbittorrent")
+        _log.warn(
+            "Could not set port {port} in qBittorrent: {why}",
+            port=port,
+            why=failure.getErrorMessage(),
+        )
+        self._scheduleRetry()
+
+    def _observeDuration(self, ignored: object, started: float) -> None:
+        self._metrics.apply_duration.observe(self._reactor.seconds() - started)
+
+    def _finished(self, result: object) -> None:
+        self._inFlight = None
+        if isinstance(result, Failure):
+            _log.failure("Unexpected error while updating qBittorrent", result)
+        self._update()
+
+    def _recordError(self, message: str, kind: str) -> None:
+        self._metrics.errors.labels(kind=kind).inc()
+        self._setStatus(
+            last_error=message,
+            last_error_at=self._reactor.seconds(),
+            last_attempt_failed=True,
+        )
+
+    def _scheduleRetry(self, at: float | None = None) -> None:
+        """Try again after a growing delay, or at C{at} if that is later."""
+        self._failures += 1
+        delay = retryDelay(self._failures, self._rnd)
+        if at is not None:
+            delay = max(delay, at - self._reactor.seconds())
+        _log.info("Trying again in {delay:.1f} s", delay=delay)
+        self._retry = self._reactor.callLater(delay, self._retryNow)
+
+    def _retryNow(self) -> None:
+        self._retry = None
+        self._update()
+
+    def _cancelRetry(self) -> None:
+        if self._retry is not None:
+            if self._retry.active():
+                self._retry.cancel()
+            self._retry = None
+
+    def _verify(self) -> Deferred[None] | None:
+        """Check qBittorrent still listens on our port; set it back if not."""
+        if self._wanted is None or self._settled != self._wanted:
+            return None
+        if self._inFlight is not None or self._retry is not None:
+            return None
+        d = self._sink.listenPort()
+        d.addCallbacks(self._checked, self._uncheckable)
+        return d
+
+    def _checked(self, port: int) -> None:
+        self._metrics.qbittorrent_up.set(1)
+        self._metrics.current_port.set(port)
+        if port != self._settled:
+            _log.warn(
+                "qBittorrent listens on {actual} instead of {port} (restarted, or"
+                " changed by someone): setting it back",
+                actual=port,
+                port=self._settled,
+            )
+            self._settled = None
+            self._setStatus(verified=False)
+            self._update()
+
+    def _uncheckable(self, failure: Failure) -> None:
+        # Only our own timeouts and HTTP failures end here; the next check
+        # or the next port tries again.
+        self._metrics.qbittorrent_up.set(0)
+        self._recordError(failure.getErrorMessage(), "qbittorrent")
+        _log.warn(
+            "Could not check qBittorrent's port: {why}", why=failure.getErrorMessage()
+        )
+
+    def _setStatus(self, **changes: object) -> None:
+        self._status = evolve(self._status, **changes)
+        self._onStatus(self._status)

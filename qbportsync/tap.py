@@ -1,0 +1,192 @@
+"""
+Command-line options shared by C{twistd qbportsync} and C{qb-port-sync}, and
+the builders that turn a configuration into running parts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import InvalidLogLevelError, LogLevel
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+
+from qbportsync._version import __version__
+from qbportsync.config import Config, ConfigError, loadConfig
+from qbportsync.interfaces import IPortSink, IPortSource, SourceUnavailable
+from qbportsync.metrics import Metrics
+from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
+from qbportsync.sources.portfile import NotifierFactory, PortFileSource
+from qbportsync.sync import PortSync
+
+STRATEGIES = ("file", "natpmp", "pcp", "auto")
+
+EXIT_TRANSIENT = 1
+EXIT_CONFIG = 2
+EXIT_UNSUPPORTED = 3
+
+
+class Options(usage.Options):
+    """Options of the daemon and of the one-shot run."""
+
+    synopsis = "[--config PATH] [--strategy NAME] [--once [--json]]"
+    longdesc = (
+        "Keep qBittorrent listening on the port that the VPN forwards to this "
+        "host, learnt from the VPN client's port file or from the gateway."
+    )
+
+    optParameters = [
+        [
+            "config",
+            "c",
+            None,
+            "TOML configuration file (default: the first of "
+            "$XDG_CONFIG_HOME/qb-port-sync/config.toml, "
+            "~/.config/qb-port-sync/config.toml, "
+            "/Library/Application Support/qb-port-sync/config.toml, "
+            "/etc/qb-port-sync/config.toml).",
+        ],
+        [
+            "strategy",
+            "s",
+            "auto",
+            "Where the forwarded port comes from: " + ", ".join(STRATEGIES) + ".",
+        ],
+        [
+            "log-level",
+            "l",
+            "info",
+            "Least severe log level shown: debug, info, warn, error, critical.",
+        ],
+    ]
+    optFlags = [
+        ["once", None, "Apply the forwarded port once and exit (qb-port-sync only)."],
+        ["json", None, "With --once: print the outcome as one JSON line."],
+    ]
+
+    def opt_strategy(self, value: str) -> None:
+        """Where the forwarded port comes from: file, natpmp, pcp or auto."""
+        if value not in STRATEGIES:
+            raise usage.UsageError(
+                f"--strategy must be one of {', '.join(STRATEGIES)}, not {value!r}"
+            )
+        self["strategy"] = value
+
+    opt_s = opt_strategy
+
+    def opt_log_level(self, value: str) -> None:
+        """Least severe log level shown: debug, info, warn, error, critical."""
+        try:
+            LogLevel.levelWithName(value)
+        except InvalidLogLevelError:
+            raise usage.UsageError(
+                "--log-level must be one of debug, info, warn, error, critical, "
+                f"not {value!r}"
+            ) from None
+        self["log-level"] = value
+
+    opt_l = opt_log_level
+
+    def opt_version(self) -> NoReturn:
+        """Print the version and exit."""
+        print(f"qbportsync {__version__.short()}")
+        sys.exit(0)
+
+    opt_V = opt_version
+
+    def postOptions(self) -> None:
+        """Check the options that only make sense together."""
+        if self["json"] and not self["once"]:
+            raise usage.UsageError("--json only goes with --once")
+
+    @property
+    def logLevel(self) -> LogLevel:
+        """The chosen log level."""
+        return LogLevel.levelWithName(self["log-level"])
+
+
+def loadConfigOrExit(path: str | None, environ: Mapping[str, str]) -> Config:
+    """Load the configuration, or say what is wrong and exit with code 2."""
+    try:
+        return loadConfig(path, environ)
+    except ConfigError as e:
+        print(f"qbportsync: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def inotifyFactory(reactor: Any) -> NotifierFactory | None:
+    """Make started INotify objects, or None where INotify is missing (macOS)."""
+    try:
+        from twisted.internet import inotify
+    except ImportError:
+        return None
+
+    def make() -> inotify.INotify:
+        notifier = inotify.INotify(reactor)
+        notifier.startReading()
+        return notifier
+
+    try:
+        make().loseConnection()
+    except inotify.INotifyError:
+        return None
+    return make
+
+
+def makeSource(
+    reactor: Any, config: Config, strategy: str, metrics: Metrics, sink: IPortSink
+) -> IPortSource:
+    """
+    The source for C{strategy}; raises L{SourceUnavailable} where it cannot
+    work.
+    """
+    if strategy in ("natpmp", "pcp"):
+        raise SourceUnavailable(f"the {strategy} strategy is not available yet")
+    return PortFileSource(
+        reactor,
+        FilePath(config.protonvpn.forwarded_port_path),
+        metrics,
+        inotifyFactory(reactor),
+    )
+
+
+def makeSink(reactor: Any, config: Config) -> QBittorrentClient:
+    """The qBittorrent Web API client, with one HTTP session for its life."""
+    http = makeHTTPClient(reactor, config.qbittorrent)
+    return QBittorrentClient(reactor, http, config.qbittorrent)
+
+
+def buildService(reactor: IReactorTime, config: Config, strategy: str) -> IService:
+    """Everything the daemon runs, as one service, from a loaded configuration."""
+    metrics = Metrics.create()
+    sink = makeSink(reactor, config)
+    try:
+        source = makeSource(reactor, config, strategy, metrics, sink)
+    except SourceUnavailable as e:
+        print(f"qbportsync: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_UNSUPPORTED) from None
+    top = MultiService()
+    PortSync(
+        reactor,
+        source,
+        sink,
+        metrics,
+        bindInterface=config.net.bind_interface,
+        verifyInterval=config.qbittorrent.verify_interval_secs,
+    ).setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> IService:
+    """The twistd entry point: the daemon's service tree."""
+    from twisted.internet import reactor
+
+    if options["once"]:
+        raise usage.UsageError("--once runs from the qb-port-sync command, not twistd")
+    config = loadConfigOrExit(options["config"], os.environ)
+    return buildService(reactor, config, options["strategy"])

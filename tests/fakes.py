@@ -1,0 +1,83 @@
+"""Fakes for the seams: a port source and a port sink driven by the test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from qbportsync.interfaces import (
+    ApplyResult,
+    Forwarded,
+    IPortSink,
+    IPortSource,
+)
+
+
+@implementer(IPortSource)
+@define
+class FakeSource:
+    """A source whose ports the test pushes with L{emit}."""
+
+    name: str = "file"
+    deliver: Callable[[Forwarded], object] | None = None
+    stopped: bool = False
+    once: Forwarded | Exception | None = None
+
+    def start(self, deliver: Callable[[Forwarded], object]) -> None:
+        self.deliver = deliver
+
+    def stop(self) -> Deferred[None]:
+        self.stopped = True
+        return succeed(None)
+
+    def fetchOnce(self) -> Deferred[Forwarded]:
+        if isinstance(self.once, Exception):
+            return fail(self.once)
+        assert self.once is not None
+        return succeed(self.once)
+
+    def emit(self, port: int, expires: float | None = None) -> None:
+        assert self.deliver is not None, "source not started"
+        self.deliver(Forwarded(port=port, source=self.name, expires=expires))
+
+
+@implementer(IPortSink)
+@define
+class FakeSink:
+    """
+    A sink that answers each call with a Deferred the test fires, and keeps
+    the port it was last told, like qBittorrent does.
+    """
+
+    port: int = 6881
+    applies: list[tuple[int, str, Deferred[ApplyResult]]] = field(factory=list)
+    checks: list[Deferred[int]] = field(factory=list)
+    cancelled: list[int] = field(factory=list)
+
+    def apply(self, port: int, bindInterface: str) -> Deferred[ApplyResult]:
+        d: Deferred[ApplyResult] = Deferred(lambda d: self.cancelled.append(port))
+        self.applies.append((port, bindInterface, d))
+        return d
+
+    def listenPort(self) -> Deferred[int]:
+        d: Deferred[int] = Deferred()
+        self.checks.append(d)
+        return d
+
+    def succeed(self, index: int = -1, verified: bool = True) -> None:
+        """Let the C{index}-th apply succeed, setting the port."""
+        port, _, d = self.applies[index]
+        previous = self.port
+        if verified:
+            self.port = port
+        d.callback(
+            ApplyResult(
+                port=port,
+                previous=previous,
+                applied=previous != port,
+                verified=verified,
+            )
+        )

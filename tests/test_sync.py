@@ -1,0 +1,246 @@
+"""Tests for L{qbportsync.sync}: the PortSync service, driven by a Clock."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from qbportsync.interfaces import IPortSink, IPortSource
+from qbportsync.metrics import Metrics
+from qbportsync.qbittorrent import LoginRefused, QBittorrentError
+from qbportsync.status import SyncStatus
+from qbportsync.sync import MAX_RETRY_SECS, PortSync, retryDelay
+
+from .fakes import FakeSink, FakeSource
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+class SyncTestsMixin:
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.source = FakeSource()
+        self.sink = FakeSink()
+        self.metrics = Metrics.create()
+        self.statuses: list[SyncStatus] = []
+        self.sync = PortSync(
+            self.clock,
+            self.source,
+            self.sink,
+            self.metrics,
+            bindInterface="wg0",
+            verifyInterval=30.0,
+            rnd=lambda: 0.5,
+            onStatus=self.statuses.append,
+        )
+        self.sync.startService()
+
+
+class ApplyTests(SyncTestsMixin, SynchronousTestCase):
+    def test_fakesProvideInterfaces(self) -> None:
+        """The fakes used here provide the interfaces PortSync relies on."""
+        self.assertTrue(verifyObject(IPortSource, self.source))
+        self.assertTrue(verifyObject(IPortSink, self.sink))
+
+    def test_firstPortAppliedAtOnce(self) -> None:
+        """A port from the source goes to qBittorrent with no delay."""
+        self.source.emit(40000)
+        self.assertEqual([(p, i) for p, i, _ in self.sink.applies], [(40000, "wg0")])
+
+    def test_successUpdatesStatusAndMetrics(self) -> None:
+        """A verified change is counted, timestamped and reported in the status."""
+        self.clock.advance(100)
+        self.source.emit(40000)
+        self.sink.succeed()
+        status = self.sync.status
+        self.assertEqual(
+            (status.source_port, status.applied_port, status.verified),
+            (40000, 40000, True),
+        )
+        self.assertEqual(status.last_success, 100.0)
+        self.assertEqual(sample(self.metrics, "qb_port_sync_port_updates_total"), 1)
+        self.assertEqual(sample(self.metrics, "qb_port_sync_current_port"), 40000)
+        self.assertEqual(
+            sample(self.metrics, "qb_port_sync_last_update_timestamp_seconds"), 100
+        )
+        self.assertEqual(self.statuses[-1], status)
+
+    def test_samePortNotAppliedTwice(self) -> None:
+        """The source repeating the port it already gave changes nothing."""
+        self.source.emit(40000)
+        self.sink.succeed()
+        self.source.emit(40000)
+        self.assertEqual(len(self.sink.applies), 1)
+
+    def test_latestPortWins(self) -> None:
+        """Ports arriving during an update coalesce: only the latest follows."""
+        self.source.emit(40000)
+        self.source.emit(40001)
+        self.source.emit(40002)
+        self.assertEqual(len(self.sink.applies), 1)
+        self.sink.succeed(0)
+        self.assertEqual([p for p, _, _ in self.sink.applies], [40000, 40002])
+        self.sink.succeed(1)
+        self.assertEqual(self.sync.status.applied_port, 40002)
+        self.assertEqual(len(self.sink.applies), 2)
+
+    def test_unchangedNotCountedAsUpdate(self) -> None:
+        """When qBittorrent already had the port, no update is counted."""
+        self.sink.port = 40000
+        self.source.emit(40000)
+        self.sink.succeed()
+        self.assertEqual(sample(self.metrics, "qb_port_sync_port_updates_total"), 0)
+        self.assertTrue(self.sync.status.verified)
+
+    def test_leaseExpiryRecorded(self) -> None:
+        """A lease's end time reaches the status and the metric."""
+        self.source.emit(40000, expires=160.0)
+        self.assertEqual(self.sync.status.lease_expires, 160.0)
+        self.assertEqual(
+            sample(self.metrics, "qb_port_sync_lease_expiry_timestamp_seconds"), 160
+        )
+
+
+class RetryTests(SyncTestsMixin, SynchronousTestCase):
+    def failApply(self, index: int = -1) -> None:
+        self.sink.applies[index][2].errback(QBittorrentError("connection refused"))
+
+    def test_retryBacksOffFromOneSecond(self) -> None:
+        """Failures are retried after 1, 2, 4, 8 ... seconds."""
+        self.source.emit(40000)
+        delays = []
+        for _ in range(4):
+            self.failApply()
+            before = len(self.sink.applies)
+            waited = 0.0
+            while len(self.sink.applies) == before:
+                self.clock.advance(0.25)
+                waited += 0.25
+                self.assertLess(waited, 100)
+            delays.append(waited)
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0])
+
+    def test_failureRecorded(self) -> None:
+        """A failure is counted by kind and makes the status unhealthy."""
+        self.source.emit(40000)
+        self.failApply()
+        self.assertEqual(
+            sample(self.metrics, "qb_port_sync_errors_total", kind="qbittorrent"), 1
+        )
+        self.assertEqual(sample(self.metrics, "qb_port_sync_qbittorrent_up"), 0)
+        self.assertTrue(self.sync.status.last_attempt_failed)
+        self.assertIn("connection refused", self.sync.status.last_error or "")
+
+    def test_newPortDuringBackoffTriedAtOnce(self) -> None:
+        """A new port does not wait for the retry of the old one."""
+        self.source.emit(40000)
+        self.failApply()
+        self.source.emit(40001)
+        self.assertEqual([p for p, _, _ in self.sink.applies], [40000, 40001])
+        self.sink.succeed()
+        self.clock.advance(10)
+        self.assertEqual(len(self.sink.applies), 2)
+
+    def test_successResetsBackoff(self) -> None:
+        """After a success the next failure waits one second again."""
+        self.source.emit(40000)
+        self.failApply()
+        self.clock.advance(1)
+        self.failApply()
+        self.clock.advance(2)
+        self.sink.succeed()
+        self.source.emit(40001)
+        self.failApply()
+        self.clock.advance(1)
+        self.assertEqual(self.sink.applies[-1][0], 40001)
+        self.assertEqual(len(self.sink.applies), 5)
+
+    def test_loginRefusedWaitsUntilAllowed(self) -> None:
+        """A refused login is retried only once the client may log in again."""
+        self.source.emit(40000)
+        self.sink.applies[-1][2].errback(
+            LoginRefused("wrong credentials", reason="credentials", retryAt=600.0)
+        )
+        self.assertEqual(
+            sample(self.metrics, "qb_port_sync_errors_total", kind="auth"), 1
+        )
+        self.clock.advance(599)
+        self.assertEqual(len(self.sink.applies), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.sink.applies), 2)
+
+    def test_unverifiedIsRetried(self) -> None:
+        """qBittorrent not keeping the port counts as a failure and is retried."""
+        self.source.emit(40000)
+        self.sink.succeed(verified=False)
+        self.assertTrue(self.sync.status.last_attempt_failed)
+        self.clock.advance(1)
+        self.assertEqual(len(self.sink.applies), 2)
+
+    def test_stopCancelsAndStops(self) -> None:
+        """Stopping cancels the request in flight, stops the source, no retry."""
+        self.source.emit(40000)
+        self.successResultOf(self.sync.stopService())
+        self.assertEqual(self.sink.cancelled, [40000])
+        self.assertTrue(self.source.stopped)
+        self.clock.advance(3600)
+        self.assertEqual(len(self.sink.applies), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class DriftTests(SyncTestsMixin, SynchronousTestCase):
+    def settle(self, port: int = 40000) -> None:
+        self.source.emit(port)
+        self.sink.succeed()
+
+    def test_driftRestored(self) -> None:
+        """A port changed behind our back is set back at the next check."""
+        self.settle()
+        self.clock.advance(30)
+        self.assertEqual(len(self.sink.checks), 1)
+        self.sink.checks[-1].callback(6881)
+        self.assertEqual([p for p, _, _ in self.sink.applies], [40000, 40000])
+        self.assertFalse(self.sync.status.verified)
+
+    def test_noDriftNoApply(self) -> None:
+        """When qBittorrent still has our port, checks change nothing."""
+        self.settle()
+        for _ in range(3):
+            self.clock.advance(30)
+            self.sink.checks[-1].callback(40000)
+        self.assertEqual(len(self.sink.checks), 3)
+        self.assertEqual(len(self.sink.applies), 1)
+
+    def test_checkFailureKeepsChecking(self) -> None:
+        """An unreachable qBittorrent is recorded and checked again later."""
+        self.settle()
+        self.clock.advance(30)
+        self.sink.checks[-1].errback(QBittorrentError("timed out"))
+        self.assertEqual(sample(self.metrics, "qb_port_sync_qbittorrent_up"), 0)
+        self.clock.advance(30)
+        self.assertEqual(len(self.sink.checks), 2)
+
+    def test_noCheckBeforeFirstPort(self) -> None:
+        """Nothing is checked while no port is known."""
+        self.clock.advance(300)
+        self.assertEqual(self.sink.checks, [])
+
+
+class RetryDelayTests(SynchronousTestCase):
+    def test_firstAboutOneSecond(self) -> None:
+        """The first retry comes after 0.8 to 1.2 seconds."""
+        self.assertAlmostEqual(retryDelay(1, lambda: 0.0), 0.8)
+        self.assertAlmostEqual(retryDelay(1, lambda: 1.0), 1.2)
+
+    @given(st.integers(min_value=1, max_value=10_000), st.floats(0, 1))
+    def test_neverBeyondCap(self, failures: int, r: float) -> None:
+        """No retry ever waits more than the cap plus jitter."""
+        delay = retryDelay(failures, lambda: r)
+        self.assertLessEqual(delay, MAX_RETRY_SECS * 1.2 + 1e-9)
+        self.assertGreater(delay, 0)
