@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseFailed
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -47,7 +47,7 @@ class QBittorrentError(Exception):
     """Talking to qBittorrent failed this time; the message names the URL."""
 
 
-class LoginRefused(QBittorrentError):
+class LoginRefused(QBittorrentError):  # noqa: N818 (a public name others use)
     """qBittorrent refused our credentials (or API key), or banned us."""
 
     def __init__(self, message: str, reason: RefusalReason, retryAt: float) -> None:
@@ -65,13 +65,14 @@ def makeHTTPClient(reactor: Any, config: QBittorrentConfig) -> HTTPClient:
     """
     policy: IPolicyForHTTPS
     if config.ca_file:
-        policy = BrowserLikePolicyForHTTPS(trustRoot=_loadTrustRoot(config.ca_file))
+        trustRoot = _loadTrustRoot(config.ca_file)
+        policy = BrowserLikePolicyForHTTPS(trustRoot=trustRoot)  # type: ignore[no-untyped-call]
     else:
-        policy = BrowserLikePolicyForHTTPS()
-    return HTTPClient(Agent(reactor, contextFactory=policy))
+        policy = BrowserLikePolicyForHTTPS()  # type: ignore[no-untyped-call]
+    return HTTPClient(Agent(reactor, contextFactory=policy))  # type: ignore[no-untyped-call]
 
 
-def _loadTrustRoot(path: str) -> Any:
+def _loadTrustRoot(path: str) -> object:
     try:
         with open(path, "rb") as f:
             pem = f.read()
@@ -85,9 +86,8 @@ def _loadTrustRoot(path: str) -> Any:
         raise ConfigError(
             f"[qbittorrent] ca_file {path}: not a PEM file of CA certificates"
         ) from e
-    return trustRootFromCertificates(
-        [Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates]
-    )
+    trusted = [Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates]
+    return trustRootFromCertificates(trusted)  # type: ignore[no-untyped-call]
 
 
 def _origin(url: URL) -> str:
@@ -109,11 +109,12 @@ class QBittorrentClient:
         self._reactor = reactor
         self._http = http
         self._config = config
-        url = URL.from_text(config.base_url).replace(
-            userinfo="", query=(), fragment=""
-        )
+        url = URL.from_text(config.base_url).replace(userinfo="", query=(), fragment="")
         self._baseURL = url.to_text().rstrip("/")
-        self._headers = {"Referer": _origin(url), "Origin": _origin(url)}
+        self._headers: dict[bytes | str, bytes | str] = {
+            "Referer": _origin(url),
+            "Origin": _origin(url),
+        }
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
         self._loginLock = defer.DeferredLock()
@@ -396,16 +397,12 @@ def _describe(e: Exception) -> str:
     """Say in words why a request got no answer."""
     reasons: list[Failure] = getattr(e, "reasons", [])
     for reason in reasons:
-        if reason.check(SSL.Error, VerificationError):
+        if isinstance(reason.value, SSL.Error | VerificationError):
             return (
                 f"the TLS certificate could not be verified ({reason.value}); if "
                 "qBittorrent uses a self-signed or private-CA certificate, set "
                 "[qbittorrent] ca_file to that CA certificate (PEM)"
             )
-    if reasons and not isinstance(e, ResponseFailed):
-        return "the connection failed: " + "; ".join(
-            r.getErrorMessage() for r in reasons
-        )
     if isinstance(e, error.ConnectionRefusedError):
         return (
             "connection refused; is qBittorrent running with its Web UI on "
@@ -415,8 +412,9 @@ def _describe(e: Exception) -> str:
         return f"the host name could not be resolved ({e})"
     if isinstance(e, error.ConnectError):
         return f"could not connect ({e})"
-    if isinstance(e, ResponseFailed):
-        return "the connection broke off during the answer"
+    if reasons:
+        why = "; ".join(reason.getErrorMessage() for reason in reasons)
+        return f"the connection broke off ({why})"
     return f"{type(e).__name__}: {e}"
 
 

@@ -38,7 +38,7 @@ class ConfigTestCase(SynchronousTestCase):
     """Helpers: write a config file in a temporary directory, load it."""
 
     def write(self, text: str | bytes, mode: int = 0o600) -> str:
-        path = self.mktemp()
+        path = os.path.abspath(str(self.mktemp()))
         with open(path, "wb") as f:
             f.write(text.encode() if isinstance(text, str) else text)
         os.chmod(path, mode)

@@ -1,0 +1,172 @@
+"""Tests for L{qbportsync.tap}: the shared options and the service builders."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from contextlib import redirect_stdout
+
+from twisted.application.service import IServiceCollection
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from qbportsync import __version__
+from qbportsync.config import Config, ProtonVPNConfig
+from qbportsync.interfaces import SourceUnavailable
+from qbportsync.metrics import Metrics
+from qbportsync.sources.portfile import PortFileSource
+from qbportsync.sync import PortSync
+from qbportsync.tap import Options, buildService, makeService, makeSink, makeSource
+
+from .fakes import FakeSink
+
+DEFAULTS = {
+    "config": None,
+    "strategy": "auto",
+    "log-level": "info",
+    "once": 0,
+    "json": 0,
+}
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *argv: str) -> dict[str, object]:
+        options = Options()
+        options.parseOptions(list(argv))
+        return dict(options)
+
+    def test_defaults(self) -> None:
+        """With no arguments every option has its default."""
+        self.assertEqual(self.parse(), DEFAULTS)
+
+    def test_everything(self) -> None:
+        """Every option given, long or short, lands in the dict."""
+        self.assertEqual(
+            self.parse(
+                "--config", "/tmp/c.toml", "-s", "file", "-l", "debug", "--once", "--json"
+            ),
+            {
+                "config": "/tmp/c.toml",
+                "strategy": "file",
+                "log-level": "debug",
+                "once": 1,
+                "json": 1,
+            },
+        )
+
+    def test_badStrategy(self) -> None:
+        """An unknown strategy is a usage error listing the allowed ones."""
+        error = self.assertRaises(usage.UsageError, self.parse, "--strategy", "upnp")
+        self.assertIn("file, natpmp, pcp, auto", str(error))
+
+    def test_badLogLevel(self) -> None:
+        """An unknown log level is a usage error."""
+        error = self.assertRaises(usage.UsageError, self.parse, "--log-level", "loud")
+        self.assertIn("loud", str(error))
+
+    def test_jsonNeedsOnce(self) -> None:
+        """--json without --once is refused."""
+        self.assertRaises(usage.UsageError, self.parse, "--json")
+
+    def test_version(self) -> None:
+        """--version prints the version and exits 0."""
+        out = io.StringIO()
+        with redirect_stdout(out):
+            error = self.assertRaises(SystemExit, self.parse, "--version")
+        self.assertEqual(error.code, 0)
+        self.assertEqual(out.getvalue(), f"qbportsync {__version__.short()}\n")
+
+    def test_help(self) -> None:
+        """--help describes every option."""
+        text = " ".join(str(Options()).split())
+        for word in ("--config", "--strategy", "--once", "--json", "--log-level"):
+            self.assertIn(word, text)
+        self.assertIn("file, natpmp, pcp or auto", text)
+
+
+class BuilderTests(SynchronousTestCase):
+    def config(self) -> Config:
+        path = FilePath(self.mktemp()).child("forwarded_port")
+        return Config(protonvpn=ProtonVPNConfig(forwarded_port_path=path.path))
+
+    def test_fileSource(self) -> None:
+        """'file' and, for now, 'auto' watch the configured port file."""
+        for strategy in ("file", "auto"):
+            source = makeSource(
+                MemoryReactorClock(), self.config(), strategy, Metrics.create(), FakeSink()
+            )
+            self.assertIsInstance(source, PortFileSource)
+
+    def test_gatewayStrategiesNotYet(self) -> None:
+        """natpmp and pcp say they are not available yet."""
+        for strategy in ("natpmp", "pcp"):
+            error = self.assertRaises(
+                SourceUnavailable,
+                makeSource,
+                Clock(),
+                self.config(),
+                strategy,
+                Metrics.create(),
+                FakeSink(),
+            )
+            self.assertIn("not available yet", str(error))
+
+    def test_buildService(self) -> None:
+        """The daemon's tree holds a PortSync wired to the configured sink."""
+        from twisted.internet import reactor
+
+        top = buildService(reactor, self.config(), "file")
+        self.assertTrue(IServiceCollection.providedBy(top))
+        children = list(top)  # type: ignore[call-overload]
+        self.assertEqual([type(c) for c in children], [PortSync])
+
+    def test_sinkUsesBaseURL(self) -> None:
+        """The sink talks to the configured base URL."""
+        from twisted.internet import reactor
+
+        self.assertEqual(makeSink(reactor, Config()).baseURL, "http://127.0.0.1:8080")
+
+    def test_makeServiceRefusesOnce(self) -> None:
+        """twistd cannot run the one-shot mode."""
+        options = Options()
+        options.parseOptions(["--once"])
+        self.assertRaises(usage.UsageError, makeService, options)
+
+    def test_makeServiceConfigError(self) -> None:
+        """A broken configuration file makes twistd exit with code 2."""
+        path = FilePath(self.mktemp())
+        path.setContent(b"[qbittorrent]\nbase_url = 5\n")
+        options = Options()
+        options.parseOptions(["--config", path.path])
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertEqual(error.code, 2)
+
+
+class InstalledPluginTests(SynchronousTestCase):
+    """The twistd plugin as installed, outside this source tree."""
+
+    def test_twistdHelp(self) -> None:
+        """C{twistd qbportsync --help} works from the installed package."""
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        found = subprocess.run(
+            [sys.executable, "-c", "import qbportsync, sys; print(qbportsync.__file__)"],
+            cwd=cwd, env=env, capture_output=True, text=True, check=False,
+        )
+        if found.returncode != 0:
+            if os.environ.get("QBPORTSYNC_REQUIRE_INTEGRATION") == "1":
+                self.fail("qbportsync is not installed: run pip install .")
+            raise SkipTest("qbportsync is not installed in this Python")
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted", "qbportsync", "--help"],
+            cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("--strategy", result.stdout)
+        self.assertIn("--config", result.stdout)
