@@ -80,7 +80,9 @@ class Outcome:
         )
 
 
-async def applyOnce(source: IPortSource, sink: IPortSink, bindInterface: str) -> Outcome:
+async def applyOnce(
+    source: IPortSource, sink: IPortSink, bindInterface: str
+) -> Outcome:
     """Learn the port once, apply it, read it back."""
     try:
         forwarded = await source.fetchOnce()
@@ -131,7 +133,9 @@ async def oneShot(
     return outcome.code
 
 
-def runDaemon(reactor: Any, options: Options, environ: Mapping[str, str]) -> Deferred[None]:
+def runDaemon(
+    reactor: Any, options: Options, environ: Mapping[str, str]
+) -> Deferred[None]:
     """Run the service until the reactor stops (SIGTERM, SIGINT)."""
     config = loadConfigOrExit(options["config"], environ)
     service = buildService(reactor, config, options["strategy"])
@@ -151,9 +155,9 @@ def startLogging(level: LogLevel, stream: TextIO) -> None:
 
 async def main(reactor: Any, argv: list[str]) -> None:
     """Parse C{argv}, run, and exit with the code the run chose."""
-    options = Options()
+    options = Options()  # type: ignore[no-untyped-call]
     try:
-        options.parseOptions(argv)
+        options.parseOptions(argv)  # type: ignore[no-untyped-call]
     except usage.UsageError as e:
         print(f"qb-port-sync: {e}\n\n{options}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None

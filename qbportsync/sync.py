@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 from attrs import evolve
 from twisted.application.service import Service
@@ -35,7 +36,7 @@ def retryDelay(failures: int, rnd: Callable[[], float]) -> float:
     second, doubling to a minute, spread by +/-20 % so that many daemons
     do not retry in step.
     """
-    base = min(MAX_RETRY_SECS, FIRST_RETRY_SECS * 2 ** min(failures - 1, 16))
+    base = min(MAX_RETRY_SECS, FIRST_RETRY_SECS * 2.0 ** min(failures - 1, 16))
     return base * (1 - JITTER + 2 * JITTER * rnd())
 
 
@@ -84,7 +85,7 @@ class PortSync(Service):
 
     def startService(self) -> None:
         """Start the source and the periodic check of qBittorrent's port."""
-        super().startService()
+        Service.startService(self)
         _log.info(
             "Syncing the forwarded port into qBittorrent (source: {strategy})",
             strategy=self._source.name,
@@ -94,7 +95,7 @@ class PortSync(Service):
 
     def stopService(self) -> Deferred[None]:
         """Stop the source, the timers and any request in flight."""
-        super().stopService()
+        Service.stopService(self)
         if self._verifier.running:
             self._verifier.stop()
         self._cancelRetry()
@@ -226,9 +227,7 @@ class PortSync(Service):
             return None
         if self._inFlight is not None or self._retry is not None:
             return None
-        d = self._sink.listenPort()
-        d.addCallbacks(self._checked, self._uncheckable)
-        return d
+        return self._sink.listenPort().addCallbacks(self._checked, self._uncheckable)
 
     def _checked(self, port: int) -> None:
         self._metrics.qbittorrent_up.set(1)
@@ -253,6 +252,6 @@ class PortSync(Service):
             "Could not check qBittorrent's port: {why}", why=failure.getErrorMessage()
         )
 
-    def _setStatus(self, **changes: object) -> None:
+    def _setStatus(self, **changes: Any) -> None:
         self._status = evolve(self._status, **changes)
         self._onStatus(self._status)

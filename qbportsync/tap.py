@@ -107,7 +107,8 @@ class Options(usage.Options):
     @property
     def logLevel(self) -> LogLevel:
         """The chosen log level."""
-        return LogLevel.levelWithName(self["log-level"])
+        level: LogLevel = LogLevel.levelWithName(self["log-level"])
+        return level
 
 
 def loadConfigOrExit(path: str | None, environ: Mapping[str, str]) -> Config:
@@ -178,7 +179,7 @@ def buildService(reactor: IReactorTime, config: Config, strategy: str) -> IServi
         metrics,
         bindInterface=config.net.bind_interface,
         verifyInterval=config.qbittorrent.verify_interval_secs,
-    ).setServiceParent(top)
+    ).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 
 

@@ -226,16 +226,19 @@ class NetworkNamespace:
             self.command(argv), check=True, capture_output=True, text=True, timeout=10
         )
 
-    def listeningPorts(self, proto: str = "tcp") -> set[int]:
-        """Ports on which anything in the namespace listens (tcp or udp)."""
+    def listeningSockets(self, proto: str = "tcp") -> set[tuple[str, int]]:
+        """(address, port) of every tcp or udp socket listening in the namespace."""
         flag = {"tcp": "-t", "udp": "-u"}[proto]
         out = self.run(["ss", "-H", "-l", "-n", flag]).stdout
-        ports = set()
+        sockets = set()
         for line in out.splitlines():
             fields = line.split()
             if len(fields) >= 4:
-                ports.add(int(fields[3].rsplit(":", 1)[1]))
-        return ports
+                address, port = fields[3].rsplit(":", 1)
+                # ss writes "[::]" and "198.51.100.2%qbps0" for bound sockets.
+                address = address.split("%")[0].strip("[]")
+                sockets.add((address, int(port)))
+        return sockets
 
     def close(self) -> None:
         """Delete the namespace; the veth pair goes with it."""
@@ -274,7 +277,7 @@ def _freeSubnet() -> ipaddress.IPv4Network:
     taken: list[ipaddress.IPv4Network] = []
     foreign: list[ipaddress.IPv4Network] = []
     for line in _ip("-4", "route", "show", "table", "all").stdout.splitlines():
-        fields = line.split() + [""]
+        fields = [*line.split(), ""]
         # The destination comes first, or second after a type like "local".
         net = _network(fields[0]) or _network(fields[1])
         if net is None:
@@ -306,6 +309,7 @@ def _pbkdf2Entry(password: str) -> str:
 
 
 def _profile(
+    *,
     address: str,
     webuiPort: int,
     listenPort: int,
@@ -439,13 +443,13 @@ class QBittorrentRig:
             config.mkdir(parents=True)
             (config / "qBittorrent.conf").write_text(
                 _profile(
-                    self.namespace.address,
-                    webuiPort,
-                    listenPort,
-                    username,
-                    self.password,
-                    maxAuthFailCount,
-                    banDuration,
+                    address=self.namespace.address,
+                    webuiPort=webuiPort,
+                    listenPort=listenPort,
+                    username=username,
+                    password=self.password,
+                    maxAuthFailCount=maxAuthFailCount,
+                    banDuration=banDuration,
                 )
             )
             self.admin = WebSession(self.baseURL, self.namespace.adminAddress)
@@ -566,7 +570,8 @@ class QBittorrentRig:
         if (status, body) != (200, b"Ok."):
             raise AssertionError(f"rig login failed: {status} {body!r}")
 
-    def _call(self, path: str, form: dict[str, str] | None = None) -> bytes:
+    def call(self, path: str, form: dict[str, str] | None = None) -> bytes:
+        """A Web API call from the admin session, logging in when needed."""
         status, body = self.admin.request(path, form)
         if status == 403:
             self.login()
@@ -577,12 +582,12 @@ class QBittorrentRig:
 
     def preferences(self) -> dict[str, Any]:
         """qBittorrent's preferences, as its API reports them."""
-        result: dict[str, Any] = json.loads(self._call("/api/v2/app/preferences"))
+        result: dict[str, Any] = json.loads(self.call("/api/v2/app/preferences"))
         return result
 
     def setPreferences(self, preferences: dict[str, Any]) -> None:
         """Change preferences behind the back of the code under test."""
-        self._call("/api/v2/app/setPreferences", {"json": json.dumps(preferences)})
+        self.call("/api/v2/app/setPreferences", {"json": json.dumps(preferences)})
 
     def listenPort(self) -> int:
         """The listening port qBittorrent reports."""
@@ -591,7 +596,8 @@ class QBittorrentRig:
 
     def listeningPorts(self) -> set[int]:
         """TCP ports qBittorrent really listens on, other than its Web UI."""
-        return self.namespace.listeningPorts("tcp") - {self.webuiPort}
+        sockets = self.namespace.listeningSockets("tcp")
+        return {port for _, port in sockets} - {self.webuiPort}
 
     def loginStatus(self, sourceAddress: str) -> tuple[int, bytes]:
         """
@@ -624,4 +630,3 @@ class QBittorrentRig:
 
     def __repr__(self) -> str:
         return f"<QBittorrentRig {self.baseURL} in {self.namespace.name}>"
-

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -43,7 +43,7 @@ class _Run:
 class DaemonTestCase(SynchronousTestCase):
     """Common set-up: a rig, a port file, a config, and the runs to stop."""
 
-    rigOptions: dict[str, Any] = {}
+    rigOptions: ClassVar[dict[str, Any]] = {}
 
     def setUp(self) -> None:
         requireQBittorrent()
@@ -200,7 +200,9 @@ class OnceTests(DaemonTestCase):
         self.writeInPlace("41235\n")
         self.assertEqual(self.runOnce()[0], 0)
         code, result = self.runOnce()
-        self.assertEqual((code, result["applied"], result["verified"]), (0, False, True))
+        self.assertEqual(
+            (code, result["applied"], result["verified"]), (0, False, True)
+        )
         self.assertEqual(result["detected_port"], 41235)
         self.assertEqual(self.rig.listenPort(), 41235)
 
@@ -210,7 +212,9 @@ class OnceTests(DaemonTestCase):
         self.writeInPlace("41236")
         code, result = self.runOnce(password="not-the-password")
         self.assertEqual((code, result["applied"]), (1, False))
-        self.assertEqual(len(self.rig.failedLogins(self.rig.namespace.clientAddress)), 1)
+        self.assertEqual(
+            len(self.rig.failedLogins(self.rig.namespace.clientAddress)), 1
+        )
         self.assertEqual(self.rig.listenPort(), before)
         self.assertFalse(self.rig.isBanned(self.rig.namespace.clientAddress))
 

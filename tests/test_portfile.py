@@ -9,7 +9,7 @@ from typing import Any, cast
 from attrs import define, field
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet import reactor as globalReactor
+from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
@@ -51,7 +51,9 @@ class ParseTests(SynchronousTestCase):
             with self.assertRaises(PortFileError, msg=content) as caught:
                 parsePortFile(content)
             self.assertTrue(str(caught.exception))
-        self.assertIn("abc", str(self.assertRaises(PortFileError, parsePortFile, b"abc")))
+        self.assertIn(
+            "abc", str(self.assertRaises(PortFileError, parsePortFile, b"abc"))
+        )
 
     def test_nonAsciiDigits(self) -> None:
         """Digits of other scripts are not taken for a port."""
@@ -295,7 +297,7 @@ class RealINotifyTests(TestCase):
     """The watcher with the real INotify and real files."""
 
     def setUp(self) -> None:
-        factory = inotifyFactory(globalReactor)
+        factory = inotifyFactory(global_reactor)
         if factory is None:
             raise SkipTest("INotify is not available on this platform")
         self.dir = FilePath(self.mktemp()).child("VPN")
@@ -303,7 +305,7 @@ class RealINotifyTests(TestCase):
         self.waiting: list[tuple[int, Deferred[None]]] = []
         self.seen: list[int] = []
         self.source = PortFileSource(
-            cast(Any, globalReactor), self.file, Metrics.create(), factory
+            cast(Any, global_reactor), self.file, Metrics.create(), factory
         )
         self.source.start(self.deliver)
         self.addCleanup(self.source.stop)
@@ -318,7 +320,7 @@ class RealINotifyTests(TestCase):
     def expect(self, port: int) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.waiting.append((port, d))
-        d.addTimeout(5, cast(Any, globalReactor))
+        d.addTimeout(5, cast(Any, global_reactor))
         return d
 
     async def test_followsWritesAndRenames(self) -> None:

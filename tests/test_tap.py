@@ -48,7 +48,14 @@ class OptionsTests(SynchronousTestCase):
         """Every option given, long or short, lands in the dict."""
         self.assertEqual(
             self.parse(
-                "--config", "/tmp/c.toml", "-s", "file", "-l", "debug", "--once", "--json"
+                "--config",
+                "/tmp/c.toml",
+                "-s",
+                "file",
+                "-l",
+                "debug",
+                "--once",
+                "--json",
             ),
             {
                 "config": "/tmp/c.toml",
@@ -98,7 +105,11 @@ class BuilderTests(SynchronousTestCase):
         """'file' and, for now, 'auto' watch the configured port file."""
         for strategy in ("file", "auto"):
             source = makeSource(
-                MemoryReactorClock(), self.config(), strategy, Metrics.create(), FakeSink()
+                MemoryReactorClock(),
+                self.config(),
+                strategy,
+                Metrics.create(),
+                FakeSink(),
             )
             self.assertIsInstance(source, PortFileSource)
 
@@ -156,8 +167,16 @@ class InstalledPluginTests(SynchronousTestCase):
         os.makedirs(cwd)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         found = subprocess.run(
-            [sys.executable, "-c", "import qbportsync, sys; print(qbportsync.__file__)"],
-            cwd=cwd, env=env, capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-c",
+                "import qbportsync, sys; print(qbportsync.__file__)",
+            ],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if found.returncode != 0:
             if os.environ.get("QBPORTSYNC_REQUIRE_INTEGRATION") == "1":
@@ -165,7 +184,12 @@ class InstalledPluginTests(SynchronousTestCase):
             raise SkipTest("qbportsync is not installed in this Python")
         result = subprocess.run(
             [sys.executable, "-m", "twisted", "qbportsync", "--help"],
-            cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=60,
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("--strategy", result.stdout)

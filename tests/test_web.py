@@ -9,7 +9,6 @@ from typing import Any
 import treq
 from attrs import evolve
 from treq.testing import StubTreq
-from twisted.internet import reactor as _globalReactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.task import Clock
@@ -71,9 +70,7 @@ def _stub(
 class HealthTests(SynchronousTestCase):
     """/healthz follows the health rules through every transition."""
 
-    def _get(
-        self, stub: StubTreq, accept: str | None = None
-    ) -> tuple[int, bytes, str]:
+    def _get(self, stub: StubTreq, accept: str | None = None) -> tuple[int, bytes, str]:
         headers = {"Accept": accept} if accept else {}
         response = self.successResultOf(
             stub.get("http://localhost/healthz", headers=headers)
@@ -341,25 +338,32 @@ def _listener(keys: tuple[str, ...], port: int, root: Resource) -> WebListener:
 class RealListenTests(TestCase):
     """The service on a real port of 127.0.0.1."""
 
-    reactor: IReactorTCP = _globalReactor  # type: ignore[assignment]
+    def setUp(self) -> None:
+        from twisted.internet import reactor  # noqa: PLC0415
+
+        self.reactor: IReactorTCP = reactor
 
     async def test_fetch(self) -> None:
         """A real HTTP GET of /healthz and /metrics from the running service."""
         metrics = Metrics.create()
         metrics.current_port.set(51413)
-        root = makeWebRoot(_Holder(GOOD).get, metrics, True, Clock())
+        clock = Clock()
+        clock.advance(NOW)
+        root = makeWebRoot(_Holder(GOOD).get, metrics, True, clock)
         service = WebService(self.reactor, [_listener(("metrics.port",), 0, root)])
         service.startService()
         self.addCleanup(service.stopService)
         host = service.ports[0].getHost()
         assert isinstance(host, IPv4Address)
         base = f"http://127.0.0.1:{host.port}"
-        metricsResponse = await treq.get(f"{base}/metrics")
+        metricsResponse = await treq.get(f"{base}/metrics", persistent=False)
         self.assertEqual(metricsResponse.code, 200)
-        self.assertIn(b"qb_port_sync_current_port 51413.0", await metricsResponse.content())
+        self.assertIn(
+            b"qb_port_sync_current_port 51413.0", await metricsResponse.content()
+        )
         healthResponse = await treq.get(f"{base}/healthz", persistent=False)
-        self.assertEqual(healthResponse.code, 503)  # the Clock is at 0: lease ok
-        self.assertEqual(await healthResponse.content(), b"Unhealthy")
+        self.assertEqual(healthResponse.code, 200)
+        self.assertEqual(await healthResponse.content(), b"OK")
 
     async def test_portInUse(self) -> None:
         """A port already in use raises ListenError naming the key and port."""
@@ -379,8 +383,7 @@ class RealListenTests(TestCase):
         error = self.assertRaises(ListenError, service.listen)
         self.assertEqual(
             str(error),
-            f"health.port: cannot listen on 127.0.0.1:{port}: "
-            "Address already in use",
+            f"health.port: cannot listen on 127.0.0.1:{port}: Address already in use",
         )
         self.assertEqual((error.keys, error.port), (("health.port",), port))
         self.assertEqual(len(service.ports), 1)

@@ -218,7 +218,9 @@ class PortFileSource:
         try:
             content = self._read()
         except FileNotFoundError:
-            self._noteContent(b"", "The port file {path} is gone: keeping the last port")
+            self._noteContent(
+                b"", "The port file {path} is gone: keeping the last port"
+            )
             return
         except OSError as e:
             self._metrics.errors.labels(kind="file").inc()
@@ -243,7 +245,8 @@ class PortFileSource:
             return
         if port is None:
             self._noteContent(
-                content, "The port file {path} is empty (VPN down?): keeping the last port"
+                content,
+                "The port file {path} is empty (VPN down?): keeping the last port",
             )
             return
         self._lastContent = content

@@ -1,0 +1,128 @@
+"""
+Gateway announcements on 224.0.0.1:5350: NAT-PMP's address announcement
+(RFC 6886 §3.2.1) and PCP's ANNOUNCE (RFC 6887 §14.1.3), both saying "my
+epoch or address changed, check your mappings".
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from ipaddress import IPv4Address
+from typing import Literal
+
+from attrs import frozen
+from twisted.internet.interfaces import IMulticastTransport, IReactorMulticast
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from qbportsync.metrics import Metrics
+
+_log = Logger()
+
+GROUP = "224.0.0.1"
+PORT = 5350
+_PCP_MAX = 1100
+
+
+@frozen
+class Announcement:
+    protocol: Literal["natpmp", "pcp"]
+    epoch: int
+    externalAddress: str | None
+    """The gateway's new external address; None for PCP or a failure result."""
+
+
+class NotAnnouncement(Exception):
+    """A datagram on the announcement port that is not a gateway announcement."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decodeAnnouncement(data: bytes) -> Announcement:
+    """Parse an announcement; anything else raises L{NotAnnouncement}."""
+    if len(data) < 2:
+        raise NotAnnouncement("length")
+    version, opcode = data[0], data[1]
+    if version == 0:
+        if opcode != 0x80:
+            raise NotAnnouncement("opcode")
+        if len(data) != 12:
+            raise NotAnnouncement("length")
+        result, epoch = struct.unpack_from("!HI", data, 2)
+        address = str(IPv4Address(data[8:12])) if result == 0 else None
+        return Announcement("natpmp", epoch, address)
+    if version == 2:
+        if opcode != 0x80:
+            raise NotAnnouncement("opcode")
+        if len(data) < 24 or len(data) > _PCP_MAX or len(data) % 4:
+            raise NotAnnouncement("length")
+        if data[3] != 0:
+            raise NotAnnouncement("result")
+        (epoch,) = struct.unpack_from("!I", data, 8)
+        return Announcement("pcp", epoch, None)
+    raise NotAnnouncement("version")
+
+
+class AnnouncementListener(DatagramProtocol):
+    """Hears announcements, keeps only those from our gateway."""
+
+    def __init__(
+        self,
+        gateway: str,
+        onAnnouncement: Callable[[Announcement], object],
+        metrics: Metrics,
+        interface: str = "",
+    ) -> None:
+        self._gateway = gateway
+        self._onAnnouncement = onAnnouncement
+        self._metrics = metrics
+        self._interface = interface
+
+    def startProtocol(self) -> None:
+        transport = self.transport
+        assert IMulticastTransport.providedBy(transport)
+        d = transport.joinGroup(GROUP, self._interface)
+        d.addErrback(self._joinFailed)
+
+    def _joinFailed(self, failure: Failure) -> None:
+        _log.warn(
+            "cannot join {group} to hear gateway announcements ({error}); "
+            "gateway reboots will be noticed at the next renewal",
+            group=GROUP,
+            error=failure.getErrorMessage(),
+        )
+
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        if addr[0] != self._gateway:
+            self._metrics.datagrams_dropped.labels(reason="stranger").inc()
+            _log.debug("ignored an announcement from {source}", source=addr[0])
+            return
+        try:
+            announcement = decodeAnnouncement(datagram)
+        except NotAnnouncement as e:
+            self._metrics.datagrams_dropped.labels(reason=e.reason).inc()
+            _log.debug(
+                "ignored a datagram from gateway {gateway} on port {port}: {reason}",
+                gateway=self._gateway,
+                port=PORT,
+                reason=e.reason,
+            )
+            return
+        _log.info(
+            "gateway {gateway} announced epoch {epoch} ({protocol})",
+            gateway=self._gateway,
+            epoch=announcement.epoch,
+            protocol=announcement.protocol,
+        )
+        self._onAnnouncement(announcement)
+
+
+def listenForAnnouncements(
+    reactor: IReactorMulticast, listener: AnnouncementListener
+) -> object:
+    """Bind 5350 shared with other listeners; returns the listening port."""
+    return reactor.listenMulticast(PORT, listener, listenMultiple=True)

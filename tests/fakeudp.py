@@ -1,0 +1,144 @@
+"""
+A reactor for UDP unit tests: a L{Clock} that also binds (fake) UDP and
+multicast ports, in the manner of twisted.names' own test reactor.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IMulticastTransport,
+    IReactorMulticast,
+    IReactorUDP,
+    IUDPTransport,
+)
+from twisted.internet.protocol import AbstractDatagramProtocol, DatagramProtocol
+from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyClass
+
+
+@implementer(IUDPTransport, IMulticastTransport, IListeningPort)
+class FakeUDPTransport:
+    """Records what a protocol sends; tests feed replies to the protocol."""
+
+    def __init__(
+        self, interface: str, port: int, protocol: AbstractDatagramProtocol
+    ) -> None:
+        self.interface = interface
+        self.port = port
+        self.protocol = protocol
+        self.written: list[tuple[bytes, tuple[str, int] | None]] = []
+        self.connectedTo: tuple[str, int] | None = None
+        self.groups: list[tuple[str, str]] = []
+        self.listening = True
+        self.broadcast = False
+        self.loopback = True
+        self.ttl = 1
+        self.outgoing = "0.0.0.0"
+
+    def write(self, packet: bytes, addr: tuple[str, int] | None = None) -> None:
+        if not self.listening:
+            raise AssertionError("write on a closed port")
+        if (self.connectedTo is None) == (addr is None):
+            raise AssertionError("connected sockets take no address, others need one")
+        self.written.append((packet, addr))
+
+    def connect(self, host: str, port: int) -> None:
+        self.connectedTo = (host, port)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", self.interface or "0.0.0.0", self.port)
+
+    def stopListening(self) -> Deferred[None]:
+        self.listening = False
+        self.protocol.doStop()
+        return succeed(None)
+
+    def startListening(self) -> None:
+        self.listening = True
+
+    def setBroadcastAllowed(self, enabled: bool) -> None:
+        self.broadcast = enabled
+
+    def getBroadcastAllowed(self) -> bool:
+        return self.broadcast
+
+    def getOutgoingInterface(self) -> str:
+        return self.outgoing
+
+    def setOutgoingInterface(self, addr: str) -> Deferred[int]:
+        self.outgoing = addr
+        return succeed(1)
+
+    def getLoopbackMode(self) -> bool:
+        return self.loopback
+
+    def setLoopbackMode(self, mode: bool) -> None:
+        self.loopback = mode
+
+    def getTTL(self) -> int:
+        return self.ttl
+
+    def setTTL(self, ttl: int) -> None:
+        self.ttl = ttl
+
+    def joinGroup(self, addr: str, interface: str = "") -> Deferred[None]:
+        self.groups.append((addr, interface))
+        return succeed(None)
+
+    def leaveGroup(self, addr: str, interface: str = "") -> Deferred[None]:
+        self.groups.remove((addr, interface))
+        return succeed(None)
+
+
+@implementer(IReactorUDP, IReactorMulticast)
+class MemoryUDPReactor(Clock):
+    """Time from L{Clock}; UDP ports are L{FakeUDPTransport}s in C{udpPorts}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udpPorts: list[FakeUDPTransport] = []
+        self._nextPort = 40000
+
+    def listenUDP(
+        self,
+        port: int,
+        protocol: DatagramProtocol,
+        interface: str = "",
+        maxPacketSize: int = 8192,
+    ) -> FakeUDPTransport:
+        return self._listen(port, protocol, interface)
+
+    def listenMulticast(
+        self,
+        port: int,
+        protocol: DatagramProtocol,
+        interface: str = "",
+        maxPacketSize: int = 8192,
+        listenMultiple: bool = False,
+    ) -> FakeUDPTransport:
+        return self._listen(port, protocol, interface)
+
+    def _listen(
+        self, port: int, protocol: DatagramProtocol, interface: str
+    ) -> FakeUDPTransport:
+        if port == 0:
+            port = self._nextPort
+            self._nextPort += 1
+        transport = FakeUDPTransport(interface, port, protocol)
+        self.udpPorts.append(transport)
+        protocol.makeConnection(transport)
+        return transport
+
+    def open(self) -> list[FakeUDPTransport]:
+        """The ports still listening."""
+        return [p for p in self.udpPorts if p.listening]
+
+
+verifyClass(IUDPTransport, FakeUDPTransport)
+verifyClass(IMulticastTransport, FakeUDPTransport)
+verifyClass(IReactorUDP, MemoryUDPReactor)
+verifyClass(IReactorMulticast, MemoryUDPReactor)

@@ -1,0 +1,190 @@
+"""
+L{qbportsync.qbittorrent.QBittorrentClient} against a real qbittorrent-nox
+(the Debian package) in a network namespace, with the real reactor and treq.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from twisted.trial.unittest import TestCase
+
+from qbportsync.config import QBittorrentConfig
+from qbportsync.interfaces import ApplyResult
+from qbportsync.qbittorrent import LoginRefused, QBittorrentClient, makeHTTPClient
+from tests.rig import QBittorrentRig, requireQBittorrent, waitFor
+
+
+class ClientTestCase(TestCase):
+    """A fresh rig per test, and clients for it."""
+
+    rigOptions: ClassVar[dict[str, Any]] = {}
+
+    def setUp(self) -> None:
+        requireQBittorrent()
+        self.rig = QBittorrentRig(**self.rigOptions)
+        self.addCleanup(self.rig.close)
+
+    def client(self, password: str | None = None) -> QBittorrentClient:
+        """A client as the daemon makes it, with the rig's password by default."""
+        from twisted.internet import reactor
+
+        config = QBittorrentConfig(
+            base_url=self.rig.baseURL,
+            username=self.rig.username,
+            password=self.rig.password if password is None else password,
+        )
+        return QBittorrentClient(reactor, makeHTTPClient(reactor, config), config)
+
+    def logins(self) -> int:
+        """Successful logins from the client's address, in every run's log."""
+        client = self.rig.namespace.clientAddress
+        return self.rig.log().count(f"WebAPI login success. IP: {client}\n")
+
+    def waitForListening(self, port: int) -> None:
+        """Wait until libtorrent really listens on C{port} and on no other."""
+        waitFor(
+            lambda: self.rig.listeningPorts() == {port},
+            f"libtorrent to listen on {port} only",
+            timeout=5,
+        )
+
+
+class ApplyTests(ClientTestCase):
+    """Setting and reading the port."""
+
+    async def test_version(self) -> None:
+        """version() reports what qBittorrent's own API reports."""
+        expected = self.rig.call("/api/v2/app/version").decode()
+        self.assertEqual(await self.client().version(), expected)
+
+    async def test_listenPort(self) -> None:
+        """listenPort() reads the port qBittorrent is set to."""
+        self.rig.setPreferences({"listen_port": 41999})
+        self.assertEqual(await self.client().listenPort(), 41999)
+
+    async def test_applies(self) -> None:
+        """apply() sets the port, verifies it, and libtorrent listens on it."""
+        before = self.rig.listenPort()
+        result = await self.client().apply(41234)
+        self.assertEqual(
+            result, ApplyResult(41234, before, applied=True, verified=True)
+        )
+        self.assertEqual(self.rig.listenPort(), 41234)
+        self.waitForListening(41234)
+
+    async def test_alreadySet(self) -> None:
+        """
+        A second apply() of the same port changes nothing, reports
+        applied=False, and reuses the session: one login for both.
+        """
+        client = self.client()
+        await client.apply(41235)
+        result = await client.apply(41235)
+        self.assertEqual(
+            result, ApplyResult(41235, 41235, applied=False, verified=True)
+        )
+        self.assertEqual(self.logins(), 1)
+
+    async def test_turnsOffRandomPortAndUPnP(self) -> None:
+        """apply() turns off random_port and qBittorrent's own UPnP/NAT-PMP."""
+        self.rig.setPreferences({"random_port": True, "upnp": True})
+        result = await self.client().apply(41236)
+        self.assertTrue(result.applied and result.verified)
+        prefs = self.rig.preferences()
+        self.assertEqual(
+            (prefs["listen_port"], prefs["random_port"], prefs["upnp"]),
+            (41236, False, False),
+        )
+
+    async def test_bindsInterface(self) -> None:
+        """
+        apply() binds qBittorrent to an interface it lists, and libtorrent
+        then listens on that interface's address only.
+        """
+        result = await self.client().apply(41237, bindInterface="qbps0")
+        self.assertEqual(
+            (result.applied, result.verified, result.note), (True, True, "")
+        )
+        self.assertEqual(self.rig.preferences()["current_network_interface"], "qbps0")
+        address = self.rig.namespace.address
+        waitFor(
+            lambda: (
+                {(a, p) for a, p in self.rig.namespace.listeningSockets() if p == 41237}
+                == {(address, 41237)}
+            ),
+            f"libtorrent to listen on {address}:41237 only",
+            timeout=5,
+        )
+
+    async def test_unknownInterface(self) -> None:
+        """
+        An interface qBittorrent does not list: the port is set anyway,
+        unbound, and the note says why.
+        """
+        result = await self.client().apply(41238, bindInterface="nosuch0")
+        self.assertEqual((result.applied, result.verified), (True, True))
+        self.assertIn("nosuch0", result.note)
+        prefs = self.rig.preferences()
+        self.assertEqual(
+            (prefs["listen_port"], prefs["current_network_interface"]), (41238, "")
+        )
+
+    async def test_reloginAfterRestart(self) -> None:
+        """
+        After qBittorrent restarts, its old session cookie is refused; the
+        client logs in again once and applies the port.
+        """
+        client = self.client()
+        await client.apply(41239)
+        self.rig.restart(listenPort=41240)
+        result = await client.apply(41239)
+        self.assertEqual(result, ApplyResult(41239, 41240, applied=True, verified=True))
+        self.assertEqual(self.logins(), 2)
+        self.waitForListening(41239)
+
+
+class LoginRefusedTests(ClientTestCase):
+    """A wrong password never costs more than one try."""
+
+    async def test_wrongPasswordTriesOnce(self) -> None:
+        """
+        Several apply() calls with a wrong password make one failed login in
+        all; the address is not banned and a right login still works.
+        """
+        client = self.client(password="not-the-password")
+        before = self.rig.listenPort()
+        for _ in range(4):
+            with self.assertRaises(LoginRefused) as caught:
+                await client.apply(41300)
+            self.assertEqual(caught.exception.reason, "credentials")
+        address = self.rig.namespace.clientAddress
+        self.assertEqual(len(self.rig.failedLogins(address)), 1, self.rig.log())
+        self.assertEqual(self.rig.listenPort(), before)
+        result = await self.client().apply(41300)
+        self.assertTrue(result.applied and result.verified)
+
+    async def test_failureIsNotLogged(self) -> None:
+        """The refusal's message names the URL but not the password."""
+        client = self.client(password="not-the-password")
+        with self.assertRaises(LoginRefused) as caught:
+            await client.apply(41301)
+        self.assertIn(self.rig.baseURL, str(caught.exception))
+        self.assertNotIn("not-the-password", str(caught.exception))
+        self.assertNotIn("not-the-password", repr(client))
+
+
+class BannedTests(ClientTestCase):
+    """A real ban is told apart from a wrong password."""
+
+    rigOptions = {"maxAuthFailCount": 1, "banDuration": 60}
+
+    async def test_banned(self) -> None:
+        """Once qBittorrent bans the address, the refusal says so."""
+        with self.assertRaises(LoginRefused) as caught:
+            await self.client(password="not-the-password").apply(41400)
+        self.assertEqual(caught.exception.reason, "credentials")
+        with self.assertRaises(LoginRefused) as caught:
+            await self.client().apply(41400)
+        self.assertEqual(caught.exception.reason, "banned")
+        self.assertTrue(self.rig.isBanned(self.rig.namespace.clientAddress))
