@@ -52,6 +52,10 @@ _LEGACY = frozenset(
 _OURS = frozenset({"MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "TWISTED_NAMESPACE"})
 _FIELD_MAX = 64
 
+QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
+"""Loggers whose info lines (a "Starting factory" per HTTP request) only
+show at debug level."""
+
 
 def isSecretField(name: str) -> bool:
     """Whether a field named C{name} may hold a password, key or cookie."""
@@ -184,9 +188,11 @@ def makeLogObserver(
         observer: ILogObserver = JournaldLogObserver(socketPath, text)
     else:
         observer = text
-    return FilteringLogObserver(
-        _Redacting(observer), [LogLevelFilterPredicate(defaultLogLevel=level)]
-    )
+    levels = LogLevelFilterPredicate(defaultLogLevel=level)
+    if level != LogLevel.debug:
+        for namespace in QUIET_NAMESPACES:
+            levels.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
+    return FilteringLogObserver(_Redacting(observer), [levels])
 
 
 def twistdObserver() -> ILogObserver:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -47,7 +47,7 @@ class QBittorrentError(Exception):
     """Talking to qBittorrent failed this time; the message names the URL."""
 
 
-class LoginRefused(QBittorrentError):  # noqa: N818 (a public name others use)
+class LoginRefused(QBittorrentError):
     """qBittorrent refused our credentials (or API key), or banned us."""
 
     def __init__(self, message: str, reason: RefusalReason, retryAt: float) -> None:
@@ -66,10 +66,10 @@ def makeHTTPClient(reactor: Any, config: QBittorrentConfig) -> HTTPClient:
     policy: IPolicyForHTTPS
     if config.ca_file:
         trustRoot = _loadTrustRoot(config.ca_file)
-        policy = BrowserLikePolicyForHTTPS(trustRoot=trustRoot)  # type: ignore[no-untyped-call]
+        policy = BrowserLikePolicyForHTTPS(trustRoot=trustRoot)
     else:
-        policy = BrowserLikePolicyForHTTPS()  # type: ignore[no-untyped-call]
-    return HTTPClient(Agent(reactor, contextFactory=policy))  # type: ignore[no-untyped-call]
+        policy = BrowserLikePolicyForHTTPS()
+    return HTTPClient(Agent(reactor, contextFactory=policy))
 
 
 def _loadTrustRoot(path: str) -> object:
@@ -87,16 +87,15 @@ def _loadTrustRoot(path: str) -> object:
             f"[qbittorrent] ca_file {path}: not a PEM file of CA certificates"
         ) from e
     trusted = [Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates]
-    return trustRootFromCertificates(trusted)  # type: ignore[no-untyped-call]
+    return trustRootFromCertificates(trusted)
 
 
 def _origin(url: URL) -> str:
     # Twisted's Agent leaves a scheme's default port out of the Host header
     # and qBittorrent compares ports literally, so Origin must leave it out too.
-    host = f"[{url.host}]" if ":" in url.host else url.host
     if url.port is None or url.port == {"http": 80, "https": 443}.get(url.scheme):
-        return f"{url.scheme}://{host}"
-    return f"{url.scheme}://{host}:{url.port}"
+        return f"{url.scheme}://{url.host}"
+    return f"{url.scheme}://{url.host}:{url.port}"
 
 
 @implementer(IPortSink)
@@ -110,6 +109,12 @@ class QBittorrentClient:
         self._http = http
         self._config = config
         url = URL.from_text(config.base_url).replace(userinfo="", query=(), fragment="")
+        if ":" in url.host:
+            raise ConfigError(
+                f"[qbittorrent] base_url {config.base_url}: IPv6 address "
+                "literals do not work with treq (hyperlink issue #68); use a "
+                "host name for that address, such as localhost"
+            )
         self._baseURL = url.to_text().rstrip("/")
         self._headers: dict[bytes | str, bytes | str] = {
             "Referer": _origin(url),
@@ -271,12 +276,7 @@ class QBittorrentClient:
                         f"{url} answered 403 Forbidden even after logging in again"
                     )
             if code == 401:
-                raise QBittorrentError(
-                    f"{url} answered 401 Unauthorized: qBittorrent's CSRF or "
-                    "Host header check refused the request; base_url must be "
-                    "the address qBittorrent is reached at (a reverse proxy "
-                    "must pass the Host header through)"
-                )
+                raise QBittorrentError(_unauthorized(url))
         if code not in ok:
             raise QBittorrentError(_unexpected(url, code))
         return body
@@ -318,7 +318,15 @@ class QBittorrentClient:
             self._refusals = 0
             self._refused = None
             _log.info("logged in to qBittorrent at {url}", url=self._baseURL)
-        elif (code == 200 and body.strip() == b"Fails.") or code == 401:
+        elif code == 200 and body.strip() == b"Fails.":
+            raise self._refuse(url, "credentials", now)
+        elif code == 401:
+            # 5.2 answers 401 both to a wrong password and to a failed CSRF or
+            # Host check; a private endpoint tells them apart, and asking it
+            # counts towards no ban.
+            probe, _ = await self._send("GET", self._endpoint("app/version"), None)
+            if probe == 401:
+                raise QBittorrentError(_unauthorized(url))
             raise self._refuse(url, "credentials", now)
         elif code == 403:
             raise self._refuse(url, "banned", now)
@@ -380,15 +388,17 @@ class QBittorrentClient:
                 )
             return response.code, body
 
-        timeout = self._config.timeout_secs
+        def timedOut(result: object, timeout: float) -> NoReturn:
+            raise QBittorrentError(f"{url} did not answer within {timeout:g} s")
+
+        exchanged = defer.Deferred.fromCoroutine(exchange())
+        exchanged.addTimeout(
+            self._config.timeout_secs, self._reactor, onTimeoutCancel=timedOut
+        )
         try:
-            return await defer.Deferred.fromCoroutine(exchange()).addTimeout(
-                timeout, self._reactor
-            )
+            return await exchanged
         except QBittorrentError:
             raise
-        except defer.TimeoutError as e:
-            raise QBittorrentError(f"{url} did not answer within {timeout:g} s") from e
         except Exception as e:
             raise QBittorrentError(f"{url}: {_describe(e)}") from e
 
@@ -416,6 +426,14 @@ def _describe(e: Exception) -> str:
         why = "; ".join(reason.getErrorMessage() for reason in reasons)
         return f"the connection broke off ({why})"
     return f"{type(e).__name__}: {e}"
+
+
+def _unauthorized(url: str) -> str:
+    return (
+        f"{url} answered 401 Unauthorized: qBittorrent's CSRF or Host header "
+        "check refused the request; base_url must be the address qBittorrent "
+        "is reached at (a reverse proxy must pass the Host header through)"
+    )
 
 
 def _unexpected(url: str, code: int) -> str:

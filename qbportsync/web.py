@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -35,8 +36,8 @@ _TEXT = b"text/plain; charset=utf-8"
 
 
 def _noStore(request: Request, contentType: bytes) -> None:
-    request.setHeader(b"content-type", contentType)  # type: ignore[no-untyped-call]
-    request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
+    request.setHeader(b"content-type", contentType)
+    request.setHeader(b"cache-control", b"no-store")
 
 
 def _json(document: dict[str, object]) -> bytes:
@@ -199,16 +200,31 @@ def planWeb(
             ("/healthz", "/status") if withHealth else ()
         )
         listeners.append(
-            WebListener(tuple(keys), address, port, _quietSite(root, clock), paths)
+            WebListener(tuple(keys), address, port, _QuietSite(root, clock), paths)
         )
     return listeners
 
 
-def _quietSite(root: Resource, clock: IReactorTime) -> Site:
-    site = Site(root, reactor=clock)  # type: ignore[no-untyped-call]
-    # Prometheus scrapes every few seconds: no "Starting factory" lines.
-    site.noisy = False
-    return site
+class _QuietSite(Site):
+    """
+    A site that logs each request at debug level only: Prometheus scrapes
+    every few seconds, and an access log line for each would drown the rest.
+    """
+
+    noisy = False
+
+    def __init__(self, root: Resource, clock: IReactorTime) -> None:
+        super().__init__(root, reactor=clock)  # type: ignore[no-untyped-call]
+
+    def log(self, request: http.Request) -> None:
+        client = request.getClientAddress()
+        _log.debug(
+            "{method} {path} answered {code} to {client}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.decode("ascii", "replace"),
+            code=request.code,
+            client=client.host if isinstance(client, IPv4Address | IPv6Address) else "",
+        )
 
 
 class WebService(Service):

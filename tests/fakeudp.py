@@ -37,7 +37,7 @@ class FakeUDPTransport:
         self.broadcast = False
         self.loopback = True
         self.ttl = 1
-        self.outgoing = "0.0.0.0"
+        self.outgoing: str | int = ""
 
     def write(self, packet: bytes, addr: tuple[str, int] | None = None) -> None:
         if not self.listening:
@@ -66,10 +66,10 @@ class FakeUDPTransport:
     def getBroadcastAllowed(self) -> bool:
         return self.broadcast
 
-    def getOutgoingInterface(self) -> str:
+    def getOutgoingInterface(self) -> str | int:
         return self.outgoing
 
-    def setOutgoingInterface(self, addr: str) -> Deferred[int]:
+    def setOutgoingInterface(self, addr: str | int) -> Deferred[int]:
         self.outgoing = addr
         return succeed(1)
 

@@ -29,10 +29,6 @@ def _busy() -> Metrics:
     return metrics
 
 
-def _families(text: str) -> set[str]:
-    return set(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
-
-
 class ExpositionTests(SynchronousTestCase):
     """What /metrics serves."""
 

@@ -339,7 +339,7 @@ class RealListenTests(TestCase):
     """The service on a real port of 127.0.0.1."""
 
     def setUp(self) -> None:
-        from twisted.internet import reactor  # noqa: PLC0415
+        from twisted.internet import reactor
 
         self.reactor: IReactorTCP = reactor
 

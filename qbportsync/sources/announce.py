@@ -123,6 +123,6 @@ class AnnouncementListener(DatagramProtocol):
 
 def listenForAnnouncements(
     reactor: IReactorMulticast, listener: AnnouncementListener
-) -> object:
-    """Bind 5350 shared with other listeners; returns the listening port."""
+) -> IMulticastTransport:
+    """Bind 5350, shared with other listeners (mDNSResponder, other clients)."""
     return reactor.listenMulticast(PORT, listener, listenMultiple=True)

@@ -193,9 +193,7 @@ class LeaseKeeper:
             return
         d = self._inFlight = self._remap()
         d.addCallbacks(self._mapped, self._failed)
-        d.addErrback(
-            lambda f: _log.failure("handling a new mapping failed", failure=f)
-        )
+        d.addErrback(lambda f: _log.failure("handling a new mapping failed", failure=f))
         d.addBoth(self._settled)
 
     def _settled(self, result: object) -> None:
@@ -233,9 +231,7 @@ class LeaseKeeper:
             error=failure.getErrorMessage(),
             attempt=self._failures + 1,
             delay=delay,
-            lease="expired"
-            if left is None or left <= 0
-            else f"ends in {left:.0f}s",
+            lease="expired" if left is None or left <= 0 else f"ends in {left:.0f}s",
         )
         if self._timer is None:
             self._timer = self._reactor.callLater(delay, self._run)

@@ -1,0 +1,843 @@
+"""Tests for qbportsync.qbittorrent, against the 4.5 and 5.2 emulations."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from treq.client import HTTPClient
+from treq.testing import StubTreq
+from twisted.internet import ssl
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface.verify import verifyObject
+
+from qbportsync.config import ConfigError, QBittorrentConfig
+from qbportsync.interfaces import ApplyResult, IPortSink
+from qbportsync.qbittorrent import (
+    LoginRefused,
+    QBittorrentClient,
+    QBittorrentError,
+    makeHTTPClient,
+)
+from tests.fakeqbittorrent import FakeQBittorrent, Version
+
+PASSWORD = "s3cret-Pa55word"
+API_KEY = "qbt_Zx9Secret0ApiKey4Tests"
+BASE = "http://127.0.0.1:8080"
+PREFS = f"{BASE}/api/v2/app/preferences"
+LOGIN = f"{BASE}/api/v2/auth/login"
+
+
+def qbConfig(
+    baseURL: str = BASE, password: str = PASSWORD, apiKey: str = ""
+) -> QBittorrentConfig:
+    return QBittorrentConfig(
+        base_url=baseURL, username="admin", password=password, api_key=apiKey
+    )
+
+
+def makeClient(
+    fake: FakeQBittorrent, config: QBittorrentConfig | None = None
+) -> tuple[QBittorrentClient, Clock]:
+    clock = Clock()
+    return QBittorrentClient(clock, fake.httpClient(), config or qbConfig()), clock
+
+
+def stubClient(resource: Resource) -> HTTPClient:
+    return StubTreq(resource)  # type: ignore[no-untyped-call,no-any-return]
+
+
+@contextmanager
+def warnings() -> Iterator[list[LogEvent]]:
+    """Collect the warning and error events logged inside the block."""
+    with capturedLogs() as events:
+        loud: list[LogEvent] = []
+        yield loud
+    loud.extend(e for e in events if e["log_level"].name in ("warn", "error"))
+
+
+class _Silent(Resource):
+    """Never answers."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> object:
+        return NOT_DONE_YET
+
+
+class _Redirect(Resource):
+    """Sends every request somewhere else."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(302)
+        request.responseHeaders.setRawHeaders(b"location", [b"https://elsewhere/"])
+        return b""
+
+
+class _ForeignHost(Resource):
+    """A proxy that changes the Host header, so Origin no longer matches it."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Resource) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._wrapped = wrapped
+
+    def render(self, request: Request) -> bytes:
+        request.requestHeaders.setRawHeaders(b"host", [b"elsewhere:80"])
+        return self._wrapped.render(request)  # type: ignore[no-any-return]
+
+
+class LoginTests(SynchronousTestCase):
+    """Logging in to each emulated version, lazily and once."""
+
+    def loginWorks(self, version: Version, cookie: str) -> None:
+        fake = FakeQBittorrent(version, password=PASSWORD)
+        client, _ = makeClient(fake)
+        self.assertEqual(self.successResultOf(client.listenPort()), 8999)
+        self.assertEqual(self.successResultOf(client.version())[:4], f"v{version}")
+        self.assertEqual(fake.loginAttempts, 1)
+        self.assertEqual(fake.requests[0].path, "/api/v2/auth/login")
+        self.assertIn(f"{cookie}=", fake.requests[-1].headers["cookie"])
+
+    def test_login45(self) -> None:
+        """4.5's 200 C{Ok.} logs in; the C{SID} cookie carries later calls."""
+        self.loginWorks("4.5", "SID")
+
+    def test_login52(self) -> None:
+        """5.2's empty 204 logs in; the C{QBT_SID_8080} cookie carries later calls."""
+        self.loginWorks("5.2", "QBT_SID_8080")
+
+    def loginRefused(self, version: Version) -> None:
+        fake = FakeQBittorrent(version, password="other")
+        client, _ = makeClient(fake)
+        refused = self.failureResultOf(client.listenPort(), LoginRefused).value
+        assert isinstance(refused, LoginRefused)
+        self.assertEqual(refused.reason, "credentials")
+        self.assertEqual(refused.retryAt, 600)
+        self.assertIn(LOGIN, str(refused))
+        self.assertIn("wrong username or password", str(refused))
+        self.assertEqual(fake.failedLogins, 1)
+
+    def test_fails45(self) -> None:
+        """4.5's 200 C{Fails.} is a refusal of the credentials."""
+        self.loginRefused("4.5")
+
+    def test_unauthorized52(self) -> None:
+        """5.2's 401 on login is a refusal of the credentials."""
+        self.loginRefused("5.2")
+
+    def banned(self, version: Version) -> None:
+        fake = FakeQBittorrent(version, password=PASSWORD)
+        fake.failedLogins = 5
+        client, clock = makeClient(fake)
+        clock.advance(100)
+        refused = self.failureResultOf(client.listenPort(), LoginRefused).value
+        assert isinstance(refused, LoginRefused)
+        self.assertEqual(refused.reason, "banned")
+        self.assertEqual(refused.retryAt, 3700)
+        self.assertIn("banned", str(refused))
+        self.assertIn(LOGIN, str(refused))
+
+    def test_banned45(self) -> None:
+        """A 403 to 4.5's login means banned: no login for an hour."""
+        self.banned("4.5")
+
+    def test_banned52(self) -> None:
+        """A 403 to 5.2's login means banned: no login for an hour."""
+        self.banned("5.2")
+
+    def test_strangeLoginAnswer(self) -> None:
+        """A 200 that is neither Ok. nor Fails. is an error, not a refusal."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.failNext(200, b"<html>proxy login</html>", "auth/login")
+        client, _ = makeClient(fake)
+        f = self.failureResultOf(client.listenPort(), QBittorrentError)
+        self.assertNotIsInstance(f.value, LoginRefused)
+        self.assertIn(LOGIN, str(f.value))
+        self.assertEqual(self.successResultOf(client.listenPort()), 8999)
+
+    def test_loginOnce(self) -> None:
+        """Calls after a login reuse the session instead of logging in again."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(fake)
+        for port in (1000, 2000, 3000):
+            self.successResultOf(client.apply(port))
+        self.assertEqual(fake.loginAttempts, 1)
+
+    def test_noTrafficBeforeNeed(self) -> None:
+        """Making a client sends nothing; the login waits for the first call."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        makeClient(fake)
+        self.assertEqual(fake.requests, [])
+
+
+class SessionExpiryTests(SynchronousTestCase):
+    """A 403 from an endpoint: log in again once, retry once."""
+
+    def test_reloginAfterExpiry(self) -> None:
+        """An expired session is replaced by one new login and the call retried."""
+        fake = FakeQBittorrent("5.2", password=PASSWORD)
+        client, _ = makeClient(fake)
+        self.successResultOf(client.listenPort())
+        fake.expireSessions()
+        self.assertEqual(self.successResultOf(client.listenPort()), 8999)
+        self.assertEqual(fake.loginAttempts, 2)
+        paths = [r.path.removeprefix("/api/v2/") for r in fake.requests]
+        self.assertEqual(
+            paths,
+            [
+                "auth/login",
+                "app/preferences",
+                "app/preferences",
+                "auth/login",
+                "app/preferences",
+            ],
+        )
+
+    def test_reloginOnlyOnce(self) -> None:
+        """A second 403 after the new login fails the call; no third login."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.failNext(403, b"Forbidden", "app/preferences")
+        fake.failNext(403, b"Forbidden", "app/preferences")
+        client, _ = makeClient(fake)
+        f = self.failureResultOf(client.listenPort(), QBittorrentError)
+        self.assertNotIsInstance(f.value, LoginRefused)
+        self.assertIn(PREFS, str(f.value))
+        self.assertEqual(fake.loginAttempts, 2)
+        self.assertEqual(len(fake.requests), 4)
+
+    def test_reloginRefused(self) -> None:
+        """When the new login is refused, the call fails with LoginRefused."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(fake)
+        self.successResultOf(client.listenPort())
+        fake.expireSessions()
+        fake.password = "changed"
+        refused = self.failureResultOf(client.listenPort(), LoginRefused).value
+        assert isinstance(refused, LoginRefused)
+        self.assertEqual(refused.reason, "credentials")
+
+
+class BanAvoidanceTests(SynchronousTestCase):
+    """Refused logins are spaced out far enough never to burn the ban budget."""
+
+    def test_growingDelay(self) -> None:
+        """Waits of 600, 1200, 2400, 3600, 3600 s; calls inside fail at once."""
+        fake = FakeQBittorrent(password="other", maxFailures=0)
+        client, clock = makeClient(fake)
+        self.failureResultOf(client.listenPort(), LoginRefused)
+        for delay in (600, 1200, 2400, 3600, 3600):
+            attempts, seen = fake.loginAttempts, len(fake.requests)
+            clock.advance(delay - 1)
+            refused = self.failureResultOf(client.apply(1234), LoginRefused).value
+            assert isinstance(refused, LoginRefused)
+            self.assertEqual(refused.retryAt, clock.seconds() + 1)
+            self.assertEqual((fake.loginAttempts, len(fake.requests)), (attempts, seen))
+            clock.advance(1)
+            self.failureResultOf(client.listenPort(), LoginRefused)
+            self.assertEqual(fake.loginAttempts, attempts + 1)
+
+    def test_bannedWaitsAnHour(self) -> None:
+        """After a ban the next login waits 3600 s, whatever came before."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.failedLogins = 5
+        client, clock = makeClient(fake)
+        self.failureResultOf(client.listenPort(), LoginRefused)
+        clock.advance(3599)
+        fake.failedLogins = 0
+        self.failureResultOf(client.listenPort(), LoginRefused)
+        self.assertEqual(fake.loginAttempts, 1)
+        clock.advance(1)
+        self.assertEqual(self.successResultOf(client.listenPort()), 8999)
+        self.assertEqual(fake.loginAttempts, 2)
+
+    def test_successResetsDelay(self) -> None:
+        """A good login forgets earlier refusals: the next refusal waits 600 s."""
+        fake = FakeQBittorrent(password="other")
+        client, clock = makeClient(fake)
+        self.failureResultOf(client.listenPort(), LoginRefused)
+        clock.advance(600)
+        self.failureResultOf(client.listenPort(), LoginRefused)
+        clock.advance(1200)
+        fake.password = PASSWORD
+        self.successResultOf(client.listenPort())
+        fake.expireSessions()
+        fake.password = "other again"
+        refused = self.failureResultOf(client.listenPort(), LoginRefused).value
+        assert isinstance(refused, LoginRefused)
+        self.assertEqual(refused.retryAt, clock.seconds() + 600)
+
+    def test_neverBanned(self) -> None:
+        """A day of calls every 30 s with a wrong password: at most one try an hour."""
+        fake = FakeQBittorrent(password="other", maxFailures=0)
+        client, clock = makeClient(fake)
+        for _ in range(24 * 120):
+            client.listenPort().addErrback(lambda f: f.trap(LoginRefused))
+            clock.advance(30)
+        # Tries at 0, 600, 1800, 4200 and 7800 s, then one an hour: 26.
+        self.assertEqual(fake.loginAttempts, 26)
+
+    def test_logOncePerRefusal(self) -> None:
+        """Each refusal is logged once, saying why, where, and until when."""
+        fake = FakeQBittorrent(password="other")
+        client, clock = makeClient(fake)
+        with warnings() as events:
+            for _ in range(5):
+                self.failureResultOf(client.listenPort(), LoginRefused)
+                clock.advance(60)
+        self.assertEqual(len(events), 1)
+        text = formatEvent(events[0])
+        self.assertIn(BASE, text)
+        self.assertIn("wrong username or password", text)
+        self.assertIn("600 s", text)
+        self.assertEqual(events[0]["retryAt"], 600)
+        self.assertEqual(events[0]["reason"], "credentials")
+
+    def test_logBanned(self) -> None:
+        """A ban is logged as a ban, not as a wrong password."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.failedLogins = 5
+        client, _ = makeClient(fake)
+        with warnings() as events:
+            self.failureResultOf(client.listenPort(), LoginRefused)
+        self.assertEqual(len(events), 1)
+        text = formatEvent(events[0])
+        self.assertIn("banned", text)
+        self.assertNotIn("password", text)
+        self.assertIn("3600 s", text)
+
+
+class APIKeyTests(SynchronousTestCase):
+    """qBittorrent 5.2's API key replaces the login."""
+
+    def test_bearer(self) -> None:
+        """Every call carries the key as a Bearer token and nothing logs in."""
+        fake = FakeQBittorrent("5.2", password="unused", apiKey=API_KEY)
+        client, _ = makeClient(fake, qbConfig(apiKey=API_KEY, password=""))
+        result = self.successResultOf(client.apply(4321))
+        self.assertEqual(result.verified, True)
+        self.assertEqual(fake.loginAttempts, 0)
+        self.assertEqual(
+            {r.headers["authorization"] for r in fake.requests}, {f"Bearer {API_KEY}"}
+        )
+
+    def test_rejected(self) -> None:
+        """A rejected key fails with LoginRefused('credentials'), logged once."""
+        fake = FakeQBittorrent("5.2", apiKey="qbt_theRealOne")
+        client, clock = makeClient(fake, qbConfig(apiKey=API_KEY))
+        clock.advance(7)
+        with warnings() as events:
+            for _ in range(3):
+                f = self.failureResultOf(client.listenPort(), LoginRefused)
+        refused = f.value
+        assert isinstance(refused, LoginRefused)
+        self.assertEqual((refused.reason, refused.retryAt), ("credentials", 7))
+        self.assertIn("API key", str(refused))
+        self.assertIn(PREFS, str(refused))
+        self.assertEqual(len(events), 1)
+        self.assertIn("API key", formatEvent(events[0]))
+        self.assertEqual(fake.loginAttempts, 0)
+
+    def test_logAgainAfterRecovery(self) -> None:
+        """After a call succeeds, a later rejection of the key is logged anew."""
+        fake = FakeQBittorrent("5.2", apiKey="qbt_theRealOne")
+        client, _ = makeClient(fake, qbConfig(apiKey=API_KEY))
+        with warnings() as events:
+            self.failureResultOf(client.listenPort(), LoginRefused)
+            fake.apiKey = API_KEY
+            self.successResultOf(client.listenPort())
+            fake.apiKey = "qbt_rotated"
+            self.failureResultOf(client.listenPort(), LoginRefused)
+        self.assertEqual(len(events), 2)
+
+
+class HeaderTests(SynchronousTestCase):
+    """Referer and Origin match the address the client talks to."""
+
+    def originFor(self, baseURL: str, origin: str, host: str) -> None:
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(fake, qbConfig(baseURL=baseURL))
+        self.assertTrue(self.successResultOf(client.apply(2345)).verified)
+        self.assertEqual(fake.loginAttempts, 1)
+        for request in fake.requests:
+            self.assertEqual(request.headers["origin"], origin)
+            self.assertEqual(request.headers["referer"], origin)
+            self.assertEqual(request.headers["host"], host)
+
+    def test_ipAddress(self) -> None:
+        """An IPv4 host with a port."""
+        self.originFor(
+            "http://127.0.0.1:8080", "http://127.0.0.1:8080", "127.0.0.1:8080"
+        )
+
+    def test_ipv6(self) -> None:
+        """An IPv6 literal, which treq cannot request, is a configuration error."""
+        fake = FakeQBittorrent()
+        error = self.assertRaises(
+            ConfigError, makeClient, fake, qbConfig("http://[::1]:8080/")
+        )
+        self.assertIn("http://[::1]:8080/", str(error))
+
+    def test_localhost(self) -> None:
+        """A dotless name (localhost) keeps its session cookie."""
+        self.originFor(
+            "http://localhost:8080", "http://localhost:8080", "localhost:8080"
+        )
+
+    def test_containerName(self) -> None:
+        """A Docker-style dotless service name keeps its session cookie."""
+        self.originFor(
+            "http://qbittorrent:8080", "http://qbittorrent:8080", "qbittorrent:8080"
+        )
+
+    def test_httpsName(self) -> None:
+        """HTTPS with a domain name and a port."""
+        self.originFor(
+            "https://qb.example.org:8443",
+            "https://qb.example.org:8443",
+            "qb.example.org:8443",
+        )
+
+    def test_defaultPort(self) -> None:
+        """A default port is left out, as in the Host header qBittorrent compares."""
+        self.originFor(
+            "https://qb.example.org:443/", "https://qb.example.org", "qb.example.org"
+        )
+
+    def test_noCredentialsInBaseURL(self) -> None:
+        """User info in base_url is dropped from baseURL and every header."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(fake, qbConfig("http://admin:hunter2@10.0.0.2:8080/"))
+        self.assertEqual(client.baseURL, "http://10.0.0.2:8080")
+        self.successResultOf(client.listenPort())
+        self.assertNotIn("hunter2", repr(fake.requests))
+
+    def test_crossSite(self) -> None:
+        """
+        A 401 from the Origin/Host check (both versions) is reported as such,
+        not as a wrong password, and starts no login delay.
+        """
+        for version in ("4.5", "5.2"):
+            fake = FakeQBittorrent(version, password=PASSWORD)
+            proxy = _ForeignHost(fake.resource())
+            client = QBittorrentClient(Clock(), stubClient(proxy), qbConfig())
+            for _ in range(2):
+                f = self.failureResultOf(client.listenPort(), QBittorrentError)
+                self.assertNotIsInstance(f.value, LoginRefused)
+                self.assertIn("Host header", str(f.value))
+                self.assertIn(LOGIN, str(f.value))
+            self.assertEqual(fake.failedLogins, 0)
+
+    def test_pathPrefix(self) -> None:
+        """A base_url with a path (reverse proxy) prefixes every endpoint."""
+        fake = FakeQBittorrent("5.2", password=PASSWORD)
+        root = Resource()
+        proxied = Resource()
+        root.putChild(b"tools", proxied)
+        proxied.putChild(b"qbt", fake.resource())
+        config = qbConfig("https://proxy.example.net/tools/qbt/")
+        client = QBittorrentClient(Clock(), stubClient(root), config)
+        self.assertEqual(client.baseURL, "https://proxy.example.net/tools/qbt")
+        self.assertTrue(self.successResultOf(client.apply(3456)).verified)
+        self.assertEqual(fake.preferences["listen_port"], 3456)
+        self.assertEqual(
+            fake.requests[0].headers["origin"], "https://proxy.example.net"
+        )
+
+
+class ApplyTests(SynchronousTestCase):
+    """Setting the port, binding the interface, and reading back."""
+
+    def test_apply(self) -> None:
+        """The port is set with random port and UPnP off, then read back."""
+        for version in ("4.5", "5.2"):
+            fake = FakeQBittorrent(version, password=PASSWORD)
+            client, _ = makeClient(fake)
+            with capturedLogs() as events:
+                result = self.successResultOf(client.apply(51413))
+            self.assertEqual(result, ApplyResult(51413, 8999, True, True, ""))
+            posted = [r for r in fake.requests if r.path.endswith("/setPreferences")]
+            self.assertEqual(len(posted), 1)
+            self.assertEqual(fake.preferences["upnp"], False)
+            self.assertIn(
+                "now listens on port 51413 (was 8999)",
+                [formatEvent(e) for e in events][-1],
+            )
+
+    def test_setPreferencesForm(self) -> None:
+        """The form field json holds exactly listen_port, random_port, upnp."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        seen: list[bytes] = []
+        resource = fake.resource()
+
+        class Spy(Resource):
+            isLeaf = True
+
+            def render(self, request: Request) -> bytes:
+                if request.path.endswith(b"/setPreferences"):
+                    seen.append(request.args[b"json"][0])
+                return resource.render(request)  # type: ignore[no-any-return]
+
+        client = QBittorrentClient(Clock(), stubClient(Spy()), qbConfig())
+        self.successResultOf(client.apply(40000))
+        self.assertEqual(
+            [json.loads(s) for s in seen],
+            [{"listen_port": 40000, "random_port": False, "upnp": False}],
+        )
+
+    def test_alreadySet(self) -> None:
+        """Nothing is posted when qBittorrent already has everything."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.preferences.update(listen_port=40000, upnp=False)
+        client, _ = makeClient(fake)
+        result = self.successResultOf(client.apply(40000))
+        self.assertEqual(result, ApplyResult(40000, 40000, False, True, ""))
+        self.assertNotIn("/api/v2/app/setPreferences", [r.path for r in fake.requests])
+
+    def test_samePortOtherwiseWrong(self) -> None:
+        """The same port with random port or UPnP on is set again."""
+        for changes in ({"random_port": True}, {"upnp": True}):
+            fake = FakeQBittorrent(password=PASSWORD)
+            fake.preferences.update(listen_port=40000, upnp=False)
+            fake.preferences.update(changes)
+            client, _ = makeClient(fake)
+            result = self.successResultOf(client.apply(40000))
+            self.assertEqual(result, ApplyResult(40000, 40000, True, True, ""))
+            self.assertEqual(fake.preferences["random_port"], False)
+            self.assertEqual(fake.preferences["upnp"], False)
+
+    def test_bindInterface(self) -> None:
+        """A listed interface (by id or by name) is bound with its id."""
+        for wanted in ("wg0", "WireGuard tunnel"):
+            fake = FakeQBittorrent("5.2", password=PASSWORD)
+            fake.interfaces.append({"name": "WireGuard tunnel", "value": "wg0"})
+            client, _ = makeClient(fake)
+            result = self.successResultOf(client.apply(40000, wanted))
+            self.assertEqual(result, ApplyResult(40000, 8999, True, True, ""))
+            self.assertEqual(fake.preferences["current_network_interface"], "wg0")
+
+    def test_bindInterfaceAlreadySet(self) -> None:
+        """Port and interface both right: nothing to do."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.interfaces.append({"name": "wg0", "value": "wg0"})
+        fake.preferences.update(
+            listen_port=40000, upnp=False, current_network_interface="wg0"
+        )
+        client, _ = makeClient(fake)
+        result = self.successResultOf(client.apply(40000, "wg0"))
+        self.assertEqual(result.applied, False)
+
+    def test_bindOtherInterface(self) -> None:
+        """The right port bound to the wrong interface is set again."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.interfaces.append({"name": "wg0", "value": "wg0"})
+        fake.preferences.update(
+            listen_port=40000, upnp=False, current_network_interface="eth0"
+        )
+        client, _ = makeClient(fake)
+        result = self.successResultOf(client.apply(40000, "wg0"))
+        self.assertEqual(result.applied, True)
+        self.assertEqual(fake.preferences["current_network_interface"], "wg0")
+
+    def test_interfaceMissing(self) -> None:
+        """An unlisted interface: warn, set the port anyway, say so in the note."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(fake)
+        with warnings() as events:
+            result = self.successResultOf(client.apply(40000, "wg0"))
+        self.assertEqual((result.applied, result.verified), (True, True))
+        self.assertIn("wg0", result.note)
+        self.assertEqual(fake.preferences["listen_port"], 40000)
+        self.assertEqual(fake.preferences["current_network_interface"], "")
+        self.assertEqual(len(events), 1)
+        self.assertIn("wg0", formatEvent(events[0]))
+
+    def test_notKept(self) -> None:
+        """A port that does not stick is a warning and verified=False."""
+        fake = FakeQBittorrent("5.2", password=PASSWORD)
+        fake.ignoreSetPreferences = True
+        client, _ = makeClient(fake)
+        with warnings() as events:
+            result = self.successResultOf(client.apply(40000))
+        self.assertEqual(result, ApplyResult(40000, 8999, True, False, ""))
+        self.assertEqual(len(events), 1)
+        self.assertIn("did not keep port 40000", formatEvent(events[0]))
+
+    def test_portRange(self) -> None:
+        """Ports outside 1-65535 fail with ValueError before any request."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(fake)
+        for port in (0, -5, 65536, 70000):
+            self.failureResultOf(client.apply(port), ValueError)
+        self.assertEqual(fake.requests, [])
+        self.successResultOf(client.apply(65535))
+        self.successResultOf(client.apply(1))
+
+    def test_verifyObject(self) -> None:
+        """The client provides IPortSink."""
+        client, _ = makeClient(FakeQBittorrent())
+        self.assertTrue(verifyObject(IPortSink, client))
+
+
+class ErrorTests(SynchronousTestCase):
+    """Failures become QBittorrentError naming the URL and what happened."""
+
+    def failsWith(
+        self, fake: FakeQBittorrent, expected: str, url: str = PREFS
+    ) -> QBittorrentError:
+        client, _ = makeClient(fake)
+        error = self.failureResultOf(client.listenPort(), QBittorrentError).value
+        assert isinstance(error, QBittorrentError)
+        self.assertNotIsInstance(error, LoginRefused)
+        self.assertIn(url, str(error))
+        self.assertIn(expected, str(error))
+        return error
+
+    def test_serverError(self) -> None:
+        """A 500 names the status."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.failNext(500, b"oops", "app/preferences")
+        self.failsWith(fake, "500")
+
+    def test_loginServerError(self) -> None:
+        """A 502 on login is an error, not a refusal, and delays nothing."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.failNext(502, b"Bad Gateway", "auth/login")
+        client, _ = makeClient(fake)
+        f = self.failureResultOf(client.listenPort(), QBittorrentError)
+        self.assertNotIsInstance(f.value, LoginRefused)
+        self.assertIn("502", str(f.value))
+        self.successResultOf(client.listenPort())
+
+    def test_notFound(self) -> None:
+        """A 404 suggests checking base_url."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.failNext(404, b"", "app/preferences")
+        self.failsWith(fake, "base_url")
+
+    def test_garbage(self) -> None:
+        """An answer that is not JSON is named as such."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.failNext(200, b"<html>", "app/preferences")
+        self.failsWith(fake, "not JSON")
+
+    def test_notAnObject(self) -> None:
+        """JSON of the wrong shape is an error."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.failNext(200, b"[1, 2]", "app/preferences")
+        self.failsWith(fake, "not an object")
+
+    def test_noPort(self) -> None:
+        """Preferences without an integer listen_port are an error."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.failNext(200, b'{"listen_port": "8080"}', "app/preferences")
+        self.failsWith(fake, "listen_port")
+
+    def test_timeout(self) -> None:
+        """No answer within timeout_secs fails the call, naming the URL."""
+        clock = Clock()
+        client = QBittorrentClient(clock, stubClient(_Silent()), qbConfig())
+        d = client.listenPort()
+        self.assertNoResult(d)
+        clock.advance(9.9)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        error = self.failureResultOf(d, QBittorrentError).value
+        self.assertIn(LOGIN, str(error))
+        self.assertIn("within 10 s", str(error))
+
+    def test_redirect(self) -> None:
+        """A redirect is not followed (it would carry the password along)."""
+        client = QBittorrentClient(Clock(), stubClient(_Redirect()), qbConfig())
+        error = self.failureResultOf(client.listenPort(), QBittorrentError).value
+        self.assertIn(LOGIN, str(error))
+        self.assertIn("https://elsewhere/", str(error))
+
+
+class SecretTests(SynchronousTestCase):
+    """Neither the password nor the API key shows in logs, errors or reprs."""
+
+    def test_nothingLeaks(self) -> None:
+        """Refusals, bans, rejected keys and errors never show a secret."""
+        texts: list[str] = []
+
+        def collect(d: Deferred[Any]) -> None:
+            f = self.failureResultOf(d)
+            texts.extend([str(f.value), repr(f.value), f.getTraceback()])
+
+        with capturedLogs() as events:
+            wrong = FakeQBittorrent(password="not it")
+            client, clock = makeClient(wrong)
+            texts.append(repr(client))
+            collect(client.apply(1000))
+            collect(client.apply(1000))
+            wrong.failedLogins = 5
+            clock.advance(600)
+            collect(client.listenPort())
+
+            good = FakeQBittorrent(password=PASSWORD)
+            client, _ = makeClient(good)
+            self.successResultOf(client.apply(1000, "wg0"))
+            good.failNext(500, b"", "app/setPreferences")
+            collect(client.apply(2000))
+
+            keyed = FakeQBittorrent("5.2", apiKey="qbt_other")
+            client, _ = makeClient(keyed, qbConfig(apiKey=API_KEY))
+            texts.append(repr(client))
+            collect(client.apply(1000))
+
+        self.assertGreater(len(events), 4)
+        texts.extend(formatEvent(e) + repr(e) for e in events)
+        for text in texts:
+            self.assertNotIn(PASSWORD, text)
+            self.assertNotIn(API_KEY, text)
+            self.assertNotIn("SID", text)
+
+
+def _certificates() -> tuple[bytes, bytes, bytes]:
+    """A private CA (PEM) and a key and certificate it issued for 127.0.0.1."""
+    now = datetime.datetime.now(datetime.UTC)
+    caKey = ec.generate_private_key(ec.SECP256R1())
+    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qbportsync test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(caName)
+        .issuer_name(caName)
+        .public_key(caKey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(caKey.public_key()),
+            critical=False,
+        )
+        .sign(caKey, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qbt")]))
+        .issuer_name(caName)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()),
+            critical=False,
+        )
+        .sign(caKey, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    keyPEM = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca.public_bytes(pem), keyPEM, leaf.public_bytes(pem)
+
+
+class TLSTests(TestCase):
+    """Against a real HTTPS server on 127.0.0.1 with a private CA."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor: Any = reactor
+        caPEM, keyPEM, certPEM = _certificates()
+        self.caFile = self.mktemp()
+        with open(self.caFile, "wb") as f:
+            f.write(caPEM)
+        server = ssl.PrivateCertificate.loadPEM(keyPEM + certPEM)
+        fake = FakeQBittorrent(password=PASSWORD)
+        port: IListeningPort = self.reactor.listenSSL(
+            0, Site(fake.resource()), server.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        self.baseURL = f"https://127.0.0.1:{address.port}"
+
+    def client(self, caFile: str | None) -> QBittorrentClient:
+        config = QBittorrentConfig(
+            base_url=self.baseURL, password=PASSWORD, ca_file=caFile
+        )
+        return QBittorrentClient(
+            self.reactor,
+            makeHTTPClient(self.reactor, config),
+            config,
+        )
+
+    async def test_privateCA(self) -> None:
+        """With ca_file the server's certificate is trusted."""
+        self.assertEqual(await self.client(self.caFile).version(), "v4.5.2")
+
+    async def test_untrusted(self) -> None:
+        """Without ca_file the server is refused, naming the URL and ca_file."""
+        d = self.client(None).version()
+        error = await self.assertFailure(d, QBittorrentError)
+        self.assertIn(f"{self.baseURL}/api/v2/auth/login", str(error))
+        self.assertIn("ca_file", str(error))
+
+    def test_badCAFile(self) -> None:
+        """A ca_file that is missing or not PEM is a configuration error."""
+        notPEM = self.mktemp()
+        with open(notPEM, "w") as f:
+            f.write("hello\n")
+        for path in (self.mktemp(), notPEM):
+            config = QBittorrentConfig(ca_file=path)
+            error = self.assertRaises(ConfigError, makeHTTPClient, self.reactor, config)
+            self.assertIn(path, str(error))
+            self.assertIn("ca_file", str(error))
+
+    async def test_refused(self) -> None:
+        """A closed port fails with 'connection refused', naming the URL."""
+        probe = self.reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
+        closed = probe.getHost().port
+        await probe.stopListening()
+        config = QBittorrentConfig(base_url=f"http://127.0.0.1:{closed}")
+        client = QBittorrentClient(
+            self.reactor,
+            makeHTTPClient(self.reactor, config),
+            config,
+        )
+        error = await self.assertFailure(client.version(), QBittorrentError)
+        self.assertIn(f"http://127.0.0.1:{closed}/api/v2/auth/login", str(error))
+        self.assertIn("connection refused", str(error))
