@@ -14,13 +14,7 @@ from typing import Any, NoReturn, TextIO
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
+from twisted.logger import LogLevel, globalLogBeginner
 from twisted.python import usage
 
 from qbportsync.config import ConfigError, loadConfig
@@ -30,6 +24,7 @@ from qbportsync.interfaces import (
     SourceError,
     SourceUnavailable,
 )
+from qbportsync.logs import makeLogObserver
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import QBittorrentError
 from qbportsync.tap import (
@@ -138,19 +133,17 @@ def runDaemon(
 ) -> Deferred[None]:
     """Run the service until the reactor stops (SIGTERM, SIGINT)."""
     config = loadConfigOrExit(options["config"], environ)
-    service = buildService(reactor, config, options["strategy"])
+    service = buildService(reactor, config, options["strategy"], environ)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     return Deferred()
 
 
 def startLogging(level: LogLevel, stream: TextIO) -> None:
-    """Send log events at C{level} and above to C{stream}, one line each."""
-    observer = FilteringLogObserver(
-        textFileLogObserver(stream),
-        [LogLevelFilterPredicate(defaultLogLevel=level)],
+    """Send log events at C{level} and above to C{stream} (or the journal)."""
+    globalLogBeginner.beginLoggingTo(
+        [makeLogObserver(stream, level)], redirectStandardIO=False
     )
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 async def main(reactor: Any, argv: list[str]) -> None:

@@ -124,8 +124,6 @@ class QBittorrentClient:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
         self._loginLock = defer.DeferredLock()
         self._loggedIn = False
-        self._session = 0
-        """Counts successful logins, so one stale 403 cannot void a newer login."""
         self._refusals = 0
         self._refused: LoginRefused | None = None
         self._apiKeyRejected = False
@@ -264,11 +262,9 @@ class QBittorrentClient:
             self._apiKeyRejected = False
         else:
             await self._ensureLoggedIn()
-            session = self._session
             code, body = await self._send(method, url, data)
             if code == 403:
-                if self._session == session:
-                    self._loggedIn = False
+                self._loggedIn = False
                 await self._ensureLoggedIn()
                 code, body = await self._send(method, url, data)
                 if code == 403:
@@ -287,7 +283,7 @@ class QBittorrentClient:
             self._apiKeyRejected = True
             _log.error(
                 "qBittorrent at {url} rejected the API key (HTTP {code}); "
-                "check [qbittorrent] api_key",
+                "check [qbittorrent] api_key (API keys need qBittorrent 5.2+)",
                 url=self._baseURL,
                 code=code,
             )
@@ -314,7 +310,6 @@ class QBittorrentClient:
         code, body = await self._send("POST", url, form)
         if (code == 200 and body.strip() == b"Ok.") or code == 204:
             self._loggedIn = True
-            self._session += 1
             self._refusals = 0
             self._refused = None
             _log.info("logged in to qBittorrent at {url}", url=self._baseURL)

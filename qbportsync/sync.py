@@ -74,6 +74,7 @@ class PortSync(Service):
         self._inFlight: Deferred[object] | None = None
         self._retry: IDelayedCall | None = None
         self._failures = 0
+        self._firstAttempt: list[Deferred[None]] | None = []
         self._verifier = LoopingCall(self._verify)
         self._verifier.clock = reactor
         self._verifyInterval = verifyInterval
@@ -82,6 +83,15 @@ class PortSync(Service):
     def status(self) -> SyncStatus:
         """The latest snapshot of what this service knows."""
         return self._status
+
+    def whenFirstAttempted(self) -> Deferred[None]:
+        """Fires once the first update of qBittorrent has succeeded or failed."""
+        d: Deferred[None] = Deferred()
+        if self._firstAttempt is None:
+            d.callback(None)
+        else:
+            self._firstAttempt.append(d)
+        return d
 
     def startService(self) -> None:
         """Start the source and the periodic check of qBittorrent's port."""
@@ -192,6 +202,9 @@ class PortSync(Service):
         self._inFlight = None
         if isinstance(result, Failure):
             _log.failure("Unexpected error while updating qBittorrent", result)
+        waiting, self._firstAttempt = self._firstAttempt or [], None
+        for d in waiting:
+            d.callback(None)
         self._update()
 
     def _recordError(self, message: str, kind: str) -> None:

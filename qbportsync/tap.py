@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 from twisted.python.filepath import FilePath
@@ -22,13 +21,19 @@ from qbportsync.interfaces import IPortSink, IPortSource, SourceUnavailable
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
 from qbportsync.sources.portfile import NotifierFactory, PortFileSource
+from qbportsync.sdnotify import SystemdNotifier
+from qbportsync.status import statusLine
 from qbportsync.sync import PortSync
+from qbportsync.web import ListenError, makeWebService
 
 STRATEGIES = ("file", "natpmp", "pcp", "auto")
 
 EXIT_TRANSIENT = 1
 EXIT_CONFIG = 2
 EXIT_UNSUPPORTED = 3
+
+READY_GRACE_SECS = 10.0
+"""Tell systemd we are up after this long even if no port has come yet."""
 
 
 class Options(usage.Options):
@@ -162,8 +167,15 @@ def makeSink(reactor: Any, config: Config) -> QBittorrentClient:
     return QBittorrentClient(reactor, http, config.qbittorrent)
 
 
-def buildService(reactor: IReactorTime, config: Config, strategy: str) -> IService:
-    """Everything the daemon runs, as one service, from a loaded configuration."""
+def buildService(
+    reactor: Any, config: Config, strategy: str, environ: Mapping[str, str]
+) -> IService:
+    """
+    Everything the daemon runs, as one service, from a loaded configuration:
+    PortSync, the metrics and health endpoints, and systemd notification.
+    Exits with code 2 when a web port cannot be opened, 3 when the strategy
+    cannot work here.
+    """
     metrics = Metrics.create()
     sink = makeSink(reactor, config)
     try:
@@ -171,15 +183,28 @@ def buildService(reactor: IReactorTime, config: Config, strategy: str) -> IServi
     except SourceUnavailable as e:
         print(f"qbportsync: {e}", file=sys.stderr)
         raise SystemExit(EXIT_UNSUPPORTED) from None
-    top = MultiService()
-    PortSync(
+    notifier = SystemdNotifier(reactor, environ)
+    sync = PortSync(
         reactor,
         source,
         sink,
         metrics,
         bindInterface=config.net.bind_interface,
         verifyInterval=config.qbittorrent.verify_interval_secs,
-    ).setServiceParent(top)  # type: ignore[no-untyped-call]
+        onStatus=lambda status: notifier.status(statusLine(status)),
+    )
+    web = makeWebService(reactor, reactor, config, lambda: sync.status, metrics)
+    try:
+        web.listen()
+    except ListenError as e:
+        print(f"qbportsync: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    ready = sync.whenFirstAttempted()
+    ready.addTimeout(READY_GRACE_SECS, reactor, onTimeoutCancel=lambda *a: None)
+    ready.addCallback(lambda _: notifier.ready())
+    top = MultiService()
+    for service in (sync, web, notifier):  # stopped in reverse: STOPPING=1 first
+        service.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 
 
@@ -190,4 +215,4 @@ def makeService(options: Options) -> IService:
     if options["once"]:
         raise usage.UsageError("--once runs from the qb-port-sync command, not twistd")
     config = loadConfigOrExit(options["config"], os.environ)
-    return buildService(reactor, config, options["strategy"])
+    return buildService(reactor, config, options["strategy"], os.environ)

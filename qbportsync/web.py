@@ -23,7 +23,7 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from qbportsync.config import Config, ConfigError
+from qbportsync.config import Config
 from qbportsync.metrics import CONTENT_TYPE, Metrics
 from qbportsync.status import SyncStatus, statusDocument, unhealthyReason
 
@@ -169,25 +169,14 @@ def planWeb(
 ) -> list[WebListener]:
     """
     The listeners C{config} asks for: none, one shared by metrics and health,
-    or one each.  Health on port 0 shares the metrics port.
+    or one each.  The loader has already checked the ports and given health
+    the metrics port when it had none of its own.
     """
     wanted: dict[tuple[str, int], list[str]] = {}
     if config.metrics.enabled:
-        if config.metrics.port == 0:
-            raise ConfigError(
-                "metrics.enabled is true but metrics.port is 0; set a port, e.g. 9000"
-            )
         wanted[(config.metrics.address, config.metrics.port)] = ["metrics.port"]
     if config.health.enabled:
-        if config.health.port != 0:
-            where = (config.health.address, config.health.port)
-        elif config.metrics.port != 0:
-            where = (config.metrics.address, config.metrics.port)
-        else:
-            raise ConfigError(
-                "health.enabled is true but health.port and metrics.port are 0; "
-                "set one of them"
-            )
+        where = (config.health.address, config.health.port)
         wanted.setdefault(where, []).append("health.port")
     listeners = []
     for (address, port), keys in wanted.items():
@@ -200,7 +189,7 @@ def planWeb(
             ("/healthz", "/status") if withHealth else ()
         )
         listeners.append(
-            WebListener(tuple(keys), address, port, _QuietSite(root, clock), paths)
+            WebListener(tuple(keys), address, port, makeSite(root, clock), paths)
         )
     return listeners
 
@@ -216,6 +205,9 @@ class _QuietSite(Site):
     def __init__(self, root: Resource, clock: IReactorTime) -> None:
         super().__init__(root, reactor=clock)  # type: ignore[no-untyped-call]
 
+    def logPrefix(self) -> str:
+        return "Operator HTTP"
+
     def log(self, request: http.Request) -> None:
         client = request.getClientAddress()
         _log.debug(
@@ -225,6 +217,11 @@ class _QuietSite(Site):
             code=request.code,
             client=client.host if isinstance(client, IPv4Address | IPv6Address) else "",
         )
+
+
+def makeSite(root: Resource, clock: IReactorTime) -> Site:
+    """A site for C{root} that logs each request at debug level only."""
+    return _QuietSite(root, clock)
 
 
 class WebService(Service):
@@ -296,6 +293,6 @@ def makeWebService(
 ) -> WebService:
     """
     The web service C{config} asks for; it listens nowhere when neither
-    C{[metrics]} nor C{[health]} is enabled.  Raises L{ConfigError}.
+    C{[metrics]} nor C{[health]} is enabled.
     """
     return WebService(reactor, planWeb(config, getStatus, metrics, clock))

@@ -24,6 +24,11 @@ What it emulates (see FACTS.md, "qBittorrent Web API v2"):
     - C{app/preferences}, C{app/networkInterfaceList}, C{app/version},
       C{app/webapiVersion}.
 
+State to read or change: C{preferences}, C{interfaces}, C{requests} (every
+request seen, as L{SeenRequest}), C{loginAttempts}, C{failedLogins},
+C{sessions}, C{password}, C{apiKey}, C{ignoreSetPreferences}; helpers
+C{expireSessions()}, C{failNext(status, body, endpoint)}, C{banned}.
+
 The fake reads the path below where it is mounted, so putting it under a
 child of another resource emulates a reverse proxy with a path prefix.
 """
@@ -101,6 +106,7 @@ class FakeQBittorrent:
         """Wrong credentials since the last good login; at C{maxFailures}: ban."""
         self.requests: list[SeenRequest] = []
         self.sessions: set[str] = set()
+        """Live session ids; the cookie of any other id gets 403."""
         self._failures: list[tuple[str, int, bytes]] = []
 
     def resource(self) -> Resource:
@@ -109,7 +115,7 @@ class FakeQBittorrent:
 
     def httpClient(self) -> HTTPClient:
         """A new in-memory HTTP client (with its own cookie jar) to this fake."""
-        return cast(HTTPClient, StubTreq(self.resource()))  # type: ignore[no-untyped-call]
+        return cast(HTTPClient, StubTreq(self.resource()))
 
     def expireSessions(self) -> None:
         """Forget every session, as qBittorrent does after its idle timeout."""
@@ -173,7 +179,7 @@ class FakeQBittorrent:
         return False
 
     def _cookieSession(self, request: Request) -> bool:
-        sid = request.getCookie(self.cookieName.encode("ascii"))  # type: ignore[no-untyped-call]
+        sid = request.getCookie(self.cookieName.encode("ascii"))
         return sid is not None and sid.decode("ascii") in self.sessions
 
     def _dispatch(self, request: Request, endpoint: str, session: bool) -> bytes:
@@ -217,7 +223,7 @@ class FakeQBittorrent:
         sid = f"fake-session-{len(self.sessions)}-{self.loginAttempts}"
         self.sessions.add(sid)
         cookie = (self.cookieName.encode("ascii"), sid.encode("ascii"))
-        request.addCookie(*cookie, path=b"/", httpOnly=True, sameSite="strict")  # type: ignore[no-untyped-call]
+        request.addCookie(*cookie, path=b"/", httpOnly=True, sameSite="strict")
         return self._loginOk(request)
 
     def _loginOk(self, request: Request) -> bytes:
@@ -246,7 +252,7 @@ class _FakeResource(Resource):
     isLeaf = True
 
     def __init__(self, fake: FakeQBittorrent) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self._fake = fake
 
     def render(self, request: Request) -> bytes:

@@ -144,8 +144,6 @@ class NetworkNamespace:
     with no route beyond the link.  Use L{create}; call L{close} to delete.
     """
 
-    _counter = 0
-
     def __init__(
         self,
         name: str,
@@ -169,23 +167,22 @@ class NetworkNamespace:
         """Create and configure a new namespace and its link."""
         requireRoot()
         requireTool("ip")
-        cls._counter += 1
-        pid = os.getpid()
-        name = f"{_NAME_PREFIX}-{pid}-{cls._counter}"
+        # The PID in the name lets a later rig clean up after a killed one.
+        name = f"{_NAME_PREFIX}-{os.getpid()}-{secrets.token_hex(3)}"
         # Interface names are limited to 15 characters.
-        hostInterface = f"{_NAME_PREFIX}{pid}-{cls._counter}"[:15]
+        hostInterface = f"{_NAME_PREFIX}{secrets.token_hex(5)}"
         with open(_LOCK_PATH, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             _removeStaleNamespaces()
             network = _freeSubnet()
             _ip("netns", "add", name)
-            self = cls(name, hostInterface, network)
+            namespace = cls(name, hostInterface, network)
             try:
-                self._configure()
+                namespace._configure()
             except BaseException:
-                self.close()
+                namespace.close()
                 raise
-        return self
+        return namespace
 
     def _configure(self) -> None:
         plen = str(self.network.prefixlen)
@@ -207,8 +204,15 @@ class NetworkNamespace:
         _ip("addr", "add", f"{self.clientAddress}/{plen}", "dev", self.hostInterface)
         _ip("addr", "add", f"{self.adminAddress}/{plen}", "dev", self.hostInterface)
         _ip("link", "set", self.hostInterface, "up")
-        self.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])
-        self.run(["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"])
+        # No IPv6 inside either (sysctl needs procps, which may be missing).
+        self.run(
+            [
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "
+                "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+            ]
+        )
         self.run(["ip", "link", "set", "lo", "up"])
         self.run(["ip", "addr", "add", f"{self.address}/{plen}", "dev", "qbps0"])
         self.run(["ip", "link", "set", "qbps0", "up"])
@@ -261,7 +265,7 @@ def _removeStaleNamespaces() -> None:
     """
     names = _ip("netns", "list").stdout.split()
     for name in names:
-        m = re.fullmatch(rf"{_NAME_PREFIX}-(\d+)-\d+", name)
+        m = re.fullmatch(rf"{_NAME_PREFIX}-(\d+)-[0-9a-f]+", name)
         if m is None or _pidAlive(int(m.group(1))):
             continue
         pids = _ip("netns", "pids", name).stdout.split()
@@ -487,8 +491,7 @@ class QBittorrentRig:
             "XDG_CACHE_HOME": str(home / ".cache"),
             "LANG": "C.UTF-8",
         }
-        output = open(self.directory / "qbittorrent-nox.out", "ab")  # noqa: SIM115
-        with output:
+        with open(self.directory / "qbittorrent-nox.out", "ab") as output:
             # stdin not a tty: qbittorrent-nox then skips its legal-notice prompt.
             self.process = subprocess.Popen(
                 self.namespace.command(

@@ -188,3 +188,26 @@ class BannedTests(ClientTestCase):
             await self.client().apply(41400)
         self.assertEqual(caught.exception.reason, "banned")
         self.assertTrue(self.rig.isBanned(self.rig.namespace.clientAddress))
+
+
+class RigTests(ClientTestCase):
+    """The rig keeps its promise of isolation."""
+
+    def test_noRouteOffTheLink(self) -> None:
+        """Inside the namespace the only route is the link's; no IPv6 at all."""
+        namespace = self.rig.namespace
+        routes = namespace.run(["ip", "-4", "route", "show", "table", "all"]).stdout
+        main = [
+            line
+            for line in routes.splitlines()
+            if not line.startswith(("local", "broadcast"))
+        ]
+        self.assertEqual([line.split()[0] for line in main], [str(namespace.network)])
+        self.assertEqual(namespace.run(["ip", "-6", "addr"]).stdout, "")
+
+    def test_outboundFeaturesOff(self) -> None:
+        """DHT, LSD, PeX, UPnP/NAT-PMP and the GeoIP download are off."""
+        prefs = self.rig.preferences()
+        keys = ["dht", "lsd", "pex", "upnp", "web_ui_upnp", "resolve_peer_countries"]
+        self.assertEqual({key: prefs[key] for key in keys}, dict.fromkeys(keys, False))
+        self.assertNotIn("geolocation", self.rig.log())

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from qbportsync.logs import (
     PRIORITIES,
+    QUIET_NAMESPACES,
     JournaldLogObserver,
     encodeJournalEntry,
     isSecretField,
@@ -106,6 +107,16 @@ class TextTests(SynchronousTestCase):
         log.warn("worrying")
         self.assertNotIn("routine", stream.getvalue())
         self.assertIn("worrying", stream.getvalue())
+
+    def test_quietNamespaces(self) -> None:
+        """treq's per-request "Starting factory" lines show only at debug."""
+        for level, shown in [(LogLevel.info, False), (LogLevel.debug, True)]:
+            stream = io.StringIO()
+            observer = makeLogObserver(stream, level, journald=False)
+            Logger(namespace=QUIET_NAMESPACES[0], observer=observer).info("factory")
+            Logger(namespace=QUIET_NAMESPACES[0], observer=observer).warn("trouble")
+            self.assertEqual("factory" in stream.getvalue(), shown, level)
+            self.assertIn("trouble", stream.getvalue())
 
     def test_noSecrets(self) -> None:
         """Password, API key, cookie and Authorization never reach the text."""

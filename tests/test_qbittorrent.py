@@ -7,7 +7,7 @@ import ipaddress
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -59,7 +59,7 @@ def makeClient(
 
 
 def stubClient(resource: Resource) -> HTTPClient:
-    return StubTreq(resource)  # type: ignore[no-untyped-call,no-any-return]
+    return cast(HTTPClient, StubTreq(resource))
 
 
 @contextmanager
@@ -71,19 +71,24 @@ def warnings() -> Iterator[list[LogEvent]]:
     loud.extend(e for e in events if e["log_level"].name in ("warn", "error"))
 
 
-class _Silent(Resource):
-    """Never answers."""
+class _Leaf(Resource):
+    """A resource that answers for every path below it."""
 
     isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+
+
+class _Silent(_Leaf):
+    """Never answers."""
 
     def render(self, request: Request) -> object:
         return NOT_DONE_YET
 
 
-class _Redirect(Resource):
+class _Redirect(_Leaf):
     """Sends every request somewhere else."""
-
-    isLeaf = True
 
     def render(self, request: Request) -> bytes:
         request.setResponseCode(302)
@@ -91,18 +96,50 @@ class _Redirect(Resource):
         return b""
 
 
-class _ForeignHost(Resource):
+class _ForeignHost(_Leaf):
     """A proxy that changes the Host header, so Origin no longer matches it."""
 
-    isLeaf = True
-
     def __init__(self, wrapped: Resource) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self._wrapped = wrapped
 
     def render(self, request: Request) -> bytes:
         request.requestHeaders.setRawHeaders(b"host", [b"elsewhere:80"])
         return self._wrapped.render(request)  # type: ignore[no-any-return]
+
+
+class _Spy(_Leaf):
+    """Passes requests on, keeping each setPreferences form field json."""
+
+    def __init__(self, wrapped: Resource) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+        self.posted: list[bytes] = []
+
+    def render(self, request: Request) -> bytes:
+        if request.path.endswith(b"/setPreferences"):
+            self.posted.append(request.args[b"json"][0])
+        return self._wrapped.render(request)  # type: ignore[no-any-return]
+
+
+class _HeldLogin(_Leaf):
+    """Passes requests on, but holds each login answer until released."""
+
+    def __init__(self, fake: FakeQBittorrent) -> None:
+        super().__init__()
+        self._fake = fake
+        self.held: list[Request] = []
+
+    def render(self, request: Request) -> object:
+        if request.path.endswith(b"/auth/login"):
+            self.held.append(request)
+            return NOT_DONE_YET
+        return self._fake.render(request)
+
+    def release(self) -> None:
+        for request in self.held:
+            request.write(self._fake.render(request))
+            request.finish()
 
 
 class LoginTests(SynchronousTestCase):
@@ -180,6 +217,21 @@ class LoginTests(SynchronousTestCase):
         client, _ = makeClient(fake)
         for port in (1000, 2000, 3000):
             self.successResultOf(client.apply(port))
+        self.assertEqual(fake.loginAttempts, 1)
+
+    def test_oneLoginAtATime(self) -> None:
+        """Calls made while a login is under way wait for it; none sends another."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        held = _HeldLogin(fake)
+        stub = StubTreq(held)
+        client = QBittorrentClient(Clock(), cast(HTTPClient, stub), qbConfig())
+        calls = [client.listenPort(), client.version(), client.listenPort()]
+        self.assertEqual(len(held.held), 1)
+        held.release()
+        stub.flush()
+        self.assertEqual(
+            [self.successResultOf(d) for d in calls], [8999, "v4.5.2", 8999]
+        )
         self.assertEqual(fake.loginAttempts, 1)
 
     def test_noTrafficBeforeNeed(self) -> None:
@@ -485,21 +537,11 @@ class ApplyTests(SynchronousTestCase):
     def test_setPreferencesForm(self) -> None:
         """The form field json holds exactly listen_port, random_port, upnp."""
         fake = FakeQBittorrent(password=PASSWORD)
-        seen: list[bytes] = []
-        resource = fake.resource()
-
-        class Spy(Resource):
-            isLeaf = True
-
-            def render(self, request: Request) -> bytes:
-                if request.path.endswith(b"/setPreferences"):
-                    seen.append(request.args[b"json"][0])
-                return resource.render(request)  # type: ignore[no-any-return]
-
-        client = QBittorrentClient(Clock(), stubClient(Spy()), qbConfig())
+        spy = _Spy(fake.resource())
+        client = QBittorrentClient(Clock(), stubClient(spy), qbConfig())
         self.successResultOf(client.apply(40000))
         self.assertEqual(
-            [json.loads(s) for s in seen],
+            [json.loads(s) for s in spy.posted],
             [{"listen_port": 40000, "random_port": False, "upnp": False}],
         )
 
@@ -774,13 +816,17 @@ def _certificates() -> tuple[bytes, bytes, bytes]:
     return ca.public_bytes(pem), keyPEM, leaf.public_bytes(pem)
 
 
+def _realReactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
 class TLSTests(TestCase):
     """Against a real HTTPS server on 127.0.0.1 with a private CA."""
 
     def setUp(self) -> None:
-        from twisted.internet import reactor
-
-        self.reactor: Any = reactor
+        self.reactor = _realReactor()
         caPEM, keyPEM, certPEM = _certificates()
         self.caFile = self.mktemp()
         with open(self.caFile, "wb") as f:

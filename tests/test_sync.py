@@ -98,6 +98,15 @@ class ApplyTests(SyncTestsMixin, SynchronousTestCase):
         self.assertEqual(sample(self.metrics, "qb_port_sync_port_updates_total"), 0)
         self.assertTrue(self.sync.status.verified)
 
+    def test_whenFirstAttempted(self) -> None:
+        """Readiness waits for the first update to end, success or failure."""
+        d = self.sync.whenFirstAttempted()
+        self.source.emit(40000)
+        self.assertNoResult(d)
+        self.sink.applies[-1][2].errback(QBittorrentError("refused"))
+        self.successResultOf(d)
+        self.successResultOf(self.sync.whenFirstAttempted())
+
     def test_leaseExpiryRecorded(self) -> None:
         """A lease's end time reaches the status and the metric."""
         self.source.emit(40000, expires=160.0)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 from contextlib import redirect_stdout
 
+from attrs import evolve
 from twisted.application.service import IServiceCollection
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -16,12 +18,21 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from qbportsync import __version__
-from qbportsync.config import Config, ProtonVPNConfig
+from qbportsync.config import Config, ListenConfig, ProtonVPNConfig
 from qbportsync.interfaces import SourceUnavailable
 from qbportsync.metrics import Metrics
 from qbportsync.sources.portfile import PortFileSource
 from qbportsync.sync import PortSync
-from qbportsync.tap import Options, buildService, makeService, makeSink, makeSource
+from qbportsync.sdnotify import SystemdNotifier
+from qbportsync.tap import (
+    READY_GRACE_SECS,
+    Options,
+    buildService,
+    makeService,
+    makeSink,
+    makeSource,
+)
+from qbportsync.web import WebService
 
 from .fakes import FakeSink
 
@@ -128,13 +139,50 @@ class BuilderTests(SynchronousTestCase):
             self.assertIn("not available yet", str(error))
 
     def test_buildService(self) -> None:
-        """The daemon's tree holds a PortSync wired to the configured sink."""
-        from twisted.internet import reactor
-
-        top = buildService(reactor, self.config(), "file")
+        """The daemon's tree: PortSync, the web endpoints, systemd notification."""
+        top = buildService(MemoryReactorClock(), self.config(), "file", {})
         self.assertTrue(IServiceCollection.providedBy(top))
         children = list(top)  # type: ignore[call-overload]
-        self.assertEqual([type(c) for c in children], [PortSync])
+        self.assertEqual(
+            [type(c) for c in children], [PortSync, WebService, SystemdNotifier]
+        )
+
+    def test_webPortInUse(self) -> None:
+        """A metrics port already taken stops the start with exit code 2."""
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = evolve(self.config(), metrics=ListenConfig(True, port))
+        from twisted.internet import reactor
+
+        error = self.assertRaises(SystemExit, buildService, reactor, config, "file", {})
+        self.assertEqual(error.code, 2)
+
+    def test_readyAfterGrace(self) -> None:
+        """With no answer from qBittorrent, systemd still hears READY=1 in time."""
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(receiver.close)
+        path = self.mktemp()
+        receiver.bind(path)
+        receiver.setblocking(False)
+        reactor = MemoryReactorClock()
+        top = buildService(reactor, self.config(), "file", {"NOTIFY_SOCKET": path})
+        top.startService()
+        self.addCleanup(top.stopService)
+        reactor.advance(READY_GRACE_SECS - 1)
+        self.assertNotIn(b"READY=1", self.drain(receiver))
+        reactor.advance(1)
+        self.assertIn(b"READY=1", self.drain(receiver))
+
+    def drain(self, receiver: socket.socket) -> bytes:
+        received = b""
+        while True:
+            try:
+                received += receiver.recv(4096) + b"\n"
+            except BlockingIOError:
+                return received
 
     def test_sinkUsesBaseURL(self) -> None:
         """The sink talks to the configured base URL."""

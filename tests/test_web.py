@@ -15,15 +15,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
-from qbportsync.config import Config, ConfigError, ListenConfig
+from qbportsync.config import Config, ListenConfig
 from qbportsync.metrics import Metrics
 from qbportsync.status import SyncStatus, isHealthy, statusLine
 from qbportsync.web import (
     ListenError,
     WebListener,
     WebService,
+    makeSite,
     makeWebRoot,
     makeWebService,
     planWeb,
@@ -249,21 +249,6 @@ class PlanTests(SynchronousTestCase):
         """By default nothing listens."""
         self.assertEqual(_plan(Config()), [])
 
-    def test_healthPortZeroSharesMetricsPort(self) -> None:
-        """health.port 0 serves health on the metrics port."""
-        config = _config(ListenConfig(True, 9000), ListenConfig(True, 0))
-        self.assertEqual(
-            _plan(config),
-            [
-                (
-                    ("metrics.port", "health.port"),
-                    "127.0.0.1",
-                    9000,
-                    ("/metrics", "/healthz", "/status"),
-                )
-            ],
-        )
-
     def test_samePortShared(self) -> None:
         """The same port in both sections is one listener, as in the reference."""
         config = _config(ListenConfig(True, 9000), ListenConfig(True, 9000))
@@ -281,26 +266,6 @@ class PlanTests(SynchronousTestCase):
                 (("health.port",), "::1", 9001, ("/healthz", "/status")),
             ],
         )
-
-    def test_healthAloneOnMetricsPort(self) -> None:
-        """Health enabled with port 0 and metrics off uses metrics.port."""
-        config = _config(ListenConfig(False, 9000), ListenConfig(True, 0))
-        self.assertEqual(
-            _plan(config),
-            [(("health.port",), "127.0.0.1", 9000, ("/healthz", "/status"))],
-        )
-
-    def test_metricsEnabledWithoutPort(self) -> None:
-        """metrics.enabled with port 0 is a configuration error naming the key."""
-        config = _config(ListenConfig(True, 0), ListenConfig())
-        error = self.assertRaises(ConfigError, _plan, config)
-        self.assertIn("metrics.port is 0", str(error))
-
-    def test_healthEnabledWithoutAnyPort(self) -> None:
-        """health.enabled with no port anywhere is a configuration error."""
-        config = _config(ListenConfig(False, 0), ListenConfig(True, 0))
-        error = self.assertRaises(ConfigError, _plan, config)
-        self.assertIn("health.port", str(error))
 
 
 class WebServiceTests(SynchronousTestCase):
@@ -332,7 +297,7 @@ class WebServiceTests(SynchronousTestCase):
 
 
 def _listener(keys: tuple[str, ...], port: int, root: Resource) -> WebListener:
-    return WebListener(keys, "127.0.0.1", port, Site(root), ("/metrics",))
+    return WebListener(keys, "127.0.0.1", port, makeSite(root, Clock()), ("/metrics",))
 
 
 class RealListenTests(TestCase):

@@ -135,7 +135,7 @@ class LeaseKeeper:
         fallbackRefresh: float,
         random: Callable[[], float],
         renewAt: Callable[[float], float] = halfLifetime,
-        gateway: str = "",
+        name: str,
     ) -> None:
         self._reactor = reactor
         self._remap = remap
@@ -143,7 +143,7 @@ class LeaseKeeper:
         self._fallbackRefresh = fallbackRefresh
         self._random = random
         self._renewAt = renewAt
-        self._gateway = gateway
+        self._name = name
         self._timer: IDelayedCall | None = None
         self._resetPending = False
         self._inFlight: Deferred[MappedPort] | None = None
@@ -173,8 +173,8 @@ class LeaseKeeper:
         self._resetPending = True
         delay = self._random() * RESET_DELAY_MAX
         _log.info(
-            "gateway {gateway} lost its mappings; mapping again in {delay:.1f}s",
-            gateway=self._gateway,
+            "{source}: the gateway lost its mappings; mapping again in {delay:.1f}s",
+            source=self._name,
             delay=delay,
         )
         self._timer = self._reactor.callLater(delay, self._run)
@@ -225,9 +225,9 @@ class LeaseKeeper:
         if left is not None and left > 0:
             delay = min(delay, left)
         _log.warn(
-            "mapping a port on gateway {gateway} failed ({error}); "
-            "try {attempt} in {delay:.1f}s, lease {lease}",
-            gateway=self._gateway,
+            "{source}: mapping failed ({error}); try {attempt} in {delay:.1f}s, "
+            "lease {lease}",
+            source=self._name,
             error=failure.getErrorMessage(),
             attempt=self._failures + 1,
             delay=delay,

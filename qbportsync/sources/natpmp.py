@@ -520,6 +520,7 @@ class NATPMPSource:
             self._mapped,
             fallbackRefresh=self._config.portmap.refresh_secs,
             random=self._random,
+            name=self.name,
         )
         self._keeper.start()
 

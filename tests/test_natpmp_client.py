@@ -1,0 +1,688 @@
+"""The NAT-PMP client and source, on a fake UDP reactor and a Clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from qbportsync.config import Config, ConfigError, PortmapConfig
+from qbportsync.interfaces import (
+    Forwarded,
+    IPortSource,
+    SourceError,
+    SourceUnavailable,
+)
+from qbportsync.metrics import Metrics
+from qbportsync.sources.natpmp import (
+    ErrorResponse,
+    ExternalAddressRequest,
+    ExternalAddressResponse,
+    GatewayRefused,
+    GatewayTimeout,
+    MapRequest,
+    MapResponse,
+    NATPMPClient,
+    NATPMPSource,
+    Response,
+    ResultCode,
+    UnsupportedVersion,
+    decodeRequest,
+    encodeResponse,
+)
+from tests.fakeudp import FakeUDPTransport, MemoryUDPReactor
+
+GATEWAY = "198.51.100.1"
+SERVER = (GATEWAY, 5351)
+OK = ResultCode.SUCCESS
+RETRANSMIT_TIMES = [0, 0.25, 0.75, 1.75, 3.75, 7.75, 15.75, 31.75, 63.75]
+
+
+def dropped(metrics: Metrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "qb_port_sync_datagrams_dropped_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+def errors(metrics: Metrics, kind: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "qb_port_sync_errors_total", {"kind": kind}
+    )
+    return value or 0.0
+
+
+def sample(metrics: Metrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name)
+
+
+def advance(reactor: MemoryUDPReactor, seconds: float, step: float = 0.125) -> None:
+    """Move time in small steps, as a real reactor would."""
+    steps = round(seconds / step)
+    reactor.pump([step] * steps)
+    reactor.advance(seconds - steps * step)
+
+
+def reply(transport: FakeUDPTransport, response: Response) -> None:
+    transport.protocol.datagramReceived(encodeResponse(response), SERVER)
+
+
+def requests(transport: FakeUDPTransport) -> list[object]:
+    return [decodeRequest(data) for data, _ in transport.written]
+
+
+class ClientTests(SynchronousTestCase):
+    """NATPMPClient: matching, retransmission, one request at a time."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryUDPReactor()
+        self.metrics = Metrics.create()
+        self.epochs: list[int] = []
+        self.client = NATPMPClient(
+            self.reactor, GATEWAY, self.metrics, self.epochs.append
+        )
+        self.transport = self.reactor.listenUDP(0, self.client)
+
+    def test_connects(self) -> None:
+        """The socket is connected to the gateway's port 5351."""
+        self.assertEqual(self.transport.connectedTo, SERVER)
+
+    def test_retransmissions(self) -> None:
+        """Nine sends at 250 ms doubling, then GatewayTimeout after 64 s more."""
+        d = self.client.request(ExternalAddressRequest())
+        times = [0.0]
+        while self.reactor.seconds() < 200 and len(times) < 9:
+            self.reactor.advance(0.125)
+            if len(self.transport.written) > len(times):
+                times.append(self.reactor.seconds())
+        self.assertEqual(times, RETRANSMIT_TIMES)
+        advance(self.reactor, 63.875)
+        self.assertNoResult(d)
+        self.reactor.advance(0.125)
+        self.failureResultOf(d, GatewayTimeout)
+        self.assertEqual(len(self.transport.written), 9)
+        self.transport.written.clear()
+        self.reactor.advance(1000)
+        self.assertEqual(self.transport.written, [])
+
+    def test_oneInFlight(self) -> None:
+        """A second request waits until the first is answered."""
+        first = self.client.request(MapRequest("UDP", 6881, 6881, 60))
+        second = self.client.request(MapRequest("TCP", 6881, 6881, 60))
+        self.assertEqual(requests(self.transport), [MapRequest("UDP", 6881, 6881, 60)])
+        self.reactor.advance(0.25)
+        self.assertEqual(len(self.transport.written), 2)
+        reply(self.transport, MapResponse("UDP", OK, 10, 6881, 6881, 60))
+        self.assertEqual(
+            self.successResultOf(first), MapResponse("UDP", OK, 10, 6881, 6881, 60)
+        )
+        self.assertEqual(
+            requests(self.transport)[-1], MapRequest("TCP", 6881, 6881, 60)
+        )
+        self.assertNoResult(second)
+        self.assertEqual(len(self.transport.written), 3)
+
+    def test_answerStopsRetransmission(self) -> None:
+        """Once answered, nothing more is sent."""
+        d = self.client.request(ExternalAddressRequest())
+        reply(self.transport, ExternalAddressResponse(OK, 5, "203.0.113.5"))
+        self.successResultOf(d)
+        self.reactor.advance(200)
+        self.assertEqual(len(self.transport.written), 1)
+
+    def test_refusedEndsAtOnce(self) -> None:
+        """ICMP port unreachable fails the request without retransmitting."""
+        d = self.client.request(ExternalAddressRequest())
+        self.client.connectionRefused()
+        self.failureResultOf(d, GatewayRefused)
+        self.reactor.advance(200)
+        self.assertEqual(len(self.transport.written), 1)
+
+    def test_refusedIsSourceUnavailable(self) -> None:
+        """Timeouts and refusals both mean 'no NAT-PMP here' (exit code 3)."""
+        self.assertTrue(issubclass(GatewayRefused, SourceUnavailable))
+        self.assertTrue(issubclass(GatewayTimeout, SourceUnavailable))
+
+    def test_stranger(self) -> None:
+        """A datagram from another address or port is dropped and counted."""
+        d = self.client.request(ExternalAddressRequest())
+        data = encodeResponse(ExternalAddressResponse(OK, 5, "203.0.113.5"))
+        self.client.datagramReceived(data, ("198.51.100.66", 5351))
+        self.client.datagramReceived(data, (GATEWAY, 5350))
+        self.assertNoResult(d)
+        self.assertEqual(dropped(self.metrics, "stranger"), 2)
+        self.assertEqual(self.epochs, [])
+
+    def test_mismatch(self) -> None:
+        """Answers to another protocol, port or opcode are dropped, counted."""
+        d = self.client.request(MapRequest("TCP", 6881, 6881, 60))
+        reply(self.transport, MapResponse("UDP", OK, 5, 6881, 6881, 60))
+        reply(self.transport, MapResponse("TCP", OK, 5, 6882, 6881, 60))
+        reply(self.transport, ExternalAddressResponse(OK, 5, "203.0.113.5"))
+        reply(self.transport, ErrorResponse(129, ResultCode.NOT_AUTHORIZED, 5))
+        self.assertNoResult(d)
+        self.assertEqual(dropped(self.metrics, "mismatch"), 4)
+        reply(self.transport, MapResponse("TCP", OK, 6, 6881, 7000, 30))
+        self.assertEqual(self.successResultOf(d).epoch, 6)  # type: ignore[union-attr]
+        self.assertEqual(self.epochs, [6])
+
+    def test_unexpected(self) -> None:
+        """A response with nothing in flight is dropped and not acted on."""
+        reply(self.transport, MapResponse("TCP", OK, 5, 6881, 6881, 60))
+        self.assertEqual(dropped(self.metrics, "unexpected"), 1)
+        self.assertEqual(self.epochs, [])
+
+    def test_malformed(self) -> None:
+        """Malformed datagrams are dropped, counted, and the request goes on."""
+        d = self.client.request(ExternalAddressRequest())
+        self.client.datagramReceived(b"\x00\x80\x00", SERVER)
+        self.client.datagramReceived(b"\x07" * 12, SERVER)
+        self.assertEqual(dropped(self.metrics, "length"), 1)
+        self.assertEqual(dropped(self.metrics, "version"), 1)
+        self.assertEqual(errors(self.metrics, "parse"), 2)
+        self.assertNoResult(d)
+        self.reactor.advance(0.25)
+        self.assertEqual(len(self.transport.written), 2)
+
+    def test_unknownResultFailsRequest(self) -> None:
+        """An undefined result code for our opcode fails the request."""
+        d = self.client.request(MapRequest("UDP", 6881, 6881, 60))
+        self.client.datagramReceived(
+            bytes.fromhex("0081 0009 00000007 1ae1 1ae1 0000003c"), SERVER
+        )
+        self.failureResultOf(d, SourceError)
+        self.assertEqual(dropped(self.metrics, "result"), 1)
+
+    def test_errorResultIsAnAnswer(self) -> None:
+        """An 8-byte error for our opcode answers the request."""
+        d = self.client.request(MapRequest("UDP", 6881, 6881, 60))
+        reply(self.transport, ErrorResponse(129, ResultCode.OUT_OF_RESOURCES, 3))
+        self.assertEqual(
+            self.successResultOf(d),
+            ErrorResponse(129, ResultCode.OUT_OF_RESOURCES, 3),
+        )
+
+    def test_cancelStartsNext(self) -> None:
+        """Cancelling the request in flight stops it and sends the next."""
+        first = self.client.request(ExternalAddressRequest())
+        second = self.client.request(MapRequest("UDP", 1, 1, 1))
+        first.cancel()
+        self.failureResultOf(first)
+        self.assertEqual(requests(self.transport)[-1], MapRequest("UDP", 1, 1, 1))
+        reply(self.transport, MapResponse("UDP", OK, 1, 1, 1, 1))
+        self.successResultOf(second)
+        self.reactor.advance(200)
+        self.assertEqual(len(self.transport.written), 2)
+
+
+def config(**portmap: object) -> Config:
+    settings: dict[str, object] = {"gateway": GATEWAY}
+    settings.update(portmap)
+    return Config(portmap=PortmapConfig(**settings))  # type: ignore[arg-type]
+
+
+class FakeGateway:
+    """Answers the source's requests the way a test scripts."""
+
+    def __init__(self, reactor: MemoryUDPReactor) -> None:
+        self.reactor = reactor
+        self.epoch = 1000
+        self.started = 0.0
+
+    def now(self) -> int:
+        """The gateway's epoch time now."""
+        return self.epoch + int(self.reactor.seconds() - self.started)
+
+    @property
+    def socket(self) -> FakeUDPTransport:
+        return next(p for p in self.reactor.open() if p.connectedTo == SERVER)
+
+    def pending(self) -> list[MapRequest]:
+        out = []
+        for data, _ in self.socket.written:
+            request = decodeRequest(data)
+            assert isinstance(request, MapRequest)
+            out.append(request)
+        self.socket.written.clear()
+        return out
+
+    def grant(self, port: int | None = None, lifetime: int | None = None) -> MapRequest:
+        """Answer the last request sent, granting C{port} (default: suggested)."""
+        request = decodeRequest(self.socket.written[-1][0])
+        assert isinstance(request, MapRequest)
+        reply(
+            self.socket,
+            MapResponse(
+                request.protocol,
+                OK,
+                self.now(),
+                request.internalPort,
+                request.suggestedPort if port is None else port,
+                request.lifetime if lifetime is None else lifetime,
+            ),
+        )
+        return request
+
+    def refuse(self, result: ResultCode) -> None:
+        request = decodeRequest(self.socket.written[-1][0])
+        assert isinstance(request, MapRequest)
+        reply(
+            self.socket,
+            MapResponse(
+                request.protocol, result, self.now(), request.internalPort, 0, 0
+            ),
+        )
+
+
+class SourceTestCase(SynchronousTestCase):
+    def makeSource(
+        self,
+        sinkPort: Callable[[], Deferred[int]] = lambda: succeed(6881),
+        randomValue: float = 0.5,
+        **portmap: object,
+    ) -> NATPMPSource:
+        self.reactor = MemoryUDPReactor()
+        self.metrics = Metrics.create()
+        self.gateway = FakeGateway(self.reactor)
+        self.delivered: list[Forwarded] = []
+        return NATPMPSource(
+            self.reactor,
+            config(**portmap),
+            self.metrics,
+            sinkPort,
+            random=lambda: randomValue,
+        )
+
+
+class FetchOnceTests(SourceTestCase):
+    """NATPMPSource.fetchOnce: map once, report, close."""
+
+    def test_provides(self) -> None:
+        """NATPMPSource provides IPortSource."""
+        self.assertTrue(verifyObject(IPortSource, self.makeSource()))
+
+    def test_both(self) -> None:
+        """UDP then TCP, suggesting external = qBittorrent's port; socket closed."""
+        source = self.makeSource()
+        d = source.fetchOnce()
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 6881, 6881, 60))
+        self.assertEqual(self.gateway.grant(), MapRequest("TCP", 6881, 6881, 60))
+        self.assertEqual(
+            self.successResultOf(d),
+            Forwarded(6881, "natpmp", note="ttl=60s", expires=60.0),
+        )
+        self.assertEqual(self.reactor.open(), [])
+        self.assertEqual(sample(self.metrics, "qb_port_sync_forwarded_port"), 6881.0)
+        self.assertEqual(
+            sample(self.metrics, "qb_port_sync_lease_expiry_timestamp_seconds"),
+            60.0,
+        )
+
+    def test_singleProtocol(self) -> None:
+        """protocol = "TCP" maps TCP alone, with the configured lifetime."""
+        source = self.makeSource(protocol="TCP", lifetime_secs=120)
+        d = source.fetchOnce()
+        self.assertEqual(
+            self.gateway.grant(40000, 60), MapRequest("TCP", 6881, 6881, 120)
+        )
+        self.assertEqual(
+            self.successResultOf(d),
+            Forwarded(40000, "natpmp", note="ttl=60s", expires=60.0),
+        )
+
+    def test_fixedInternalPort(self) -> None:
+        """A configured internal port is used and qBittorrent is not asked."""
+        source = self.makeSource(
+            sinkPort=lambda: self.fail("asked"), internal_port=7000, protocol="UDP"
+        )
+        source.fetchOnce()
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 7000, 7000, 60))
+
+    def test_sinkPortUnknown(self) -> None:
+        """When qBittorrent cannot say its port, internal port 51413 is used."""
+        source = self.makeSource(
+            sinkPort=lambda: fail(SourceError("down")), protocol="UDP"
+        )
+        source.fetchOnce()
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 51413, 51413, 60))
+
+    def test_sinkPortZero(self) -> None:
+        """Internal port is never 0, even when qBittorrent says 0."""
+        source = self.makeSource(sinkPort=lambda: succeed(0), protocol="UDP")
+        source.fetchOnce()
+        self.assertEqual(self.gateway.grant().internalPort, 51413)
+
+    def test_refused(self) -> None:
+        """ICMP refused: SourceUnavailable at once, socket closed."""
+        source = self.makeSource()
+        d = source.fetchOnce()
+        self.gateway.socket.protocol.connectionRefused()  # type: ignore[attr-defined]
+        self.failureResultOf(d, SourceUnavailable)
+        self.assertEqual(self.reactor.open(), [])
+        self.assertEqual(errors(self.metrics, "gateway"), 1)
+
+    def test_silentGateway(self) -> None:
+        """A gateway that never answers: SourceUnavailable after 127.75 s."""
+        source = self.makeSource()
+        d = source.fetchOnce()
+        advance(self.reactor, 127.625)
+        self.assertNoResult(d)
+        self.reactor.advance(0.125)
+        self.failureResultOf(d, SourceUnavailable)
+
+    def test_unsupported(self) -> None:
+        """Unsupported version or opcode answers mean SourceUnavailable."""
+        for response in (
+            ErrorResponse(0, ResultCode.UNSUPPORTED_VERSION, 0),
+            ErrorResponse(129, ResultCode.UNSUPPORTED_OPCODE, 0),
+            UnsupportedVersion(2),
+        ):
+            source = self.makeSource()
+            d = source.fetchOnce()
+            reply(self.gateway.socket, response)
+            self.failureResultOf(d, SourceUnavailable)
+
+    def test_transientResults(self) -> None:
+        """Refused, network failure, out of resources mean SourceError."""
+        for result in (
+            ResultCode.NOT_AUTHORIZED,
+            ResultCode.NETWORK_FAILURE,
+            ResultCode.OUT_OF_RESOURCES,
+        ):
+            source = self.makeSource()
+            d = source.fetchOnce()
+            self.gateway.refuse(result)
+            failure = self.failureResultOf(d, SourceError)
+            self.assertIn(result.name.lower(), str(failure.value))
+
+    def test_noGateway(self) -> None:
+        """Discovery off and no gateway set: a ConfigError naming the fix."""
+        source = self.makeSource(gateway="", autodiscover_gateway=False)
+        failure = self.failureResultOf(source.fetchOnce(), ConfigError)
+        self.assertIn('gateway = "10.2.0.1"', str(failure.value))
+
+    def test_bindAddress(self) -> None:
+        """The socket binds to [portmap] bind_address."""
+        source = self.makeSource(bind_address="198.51.100.2")
+        source.fetchOnce()
+        self.assertEqual(self.gateway.socket.interface, "198.51.100.2")
+
+
+class ReconcileTests(SourceTestCase):
+    """BOTH: qBittorrent has one port, so UDP and TCP must agree."""
+
+    def test_reaskWithTCPPort(self) -> None:
+        """Different grants: ask UDP again for TCP's port; agreed port wins."""
+        source = self.makeSource()
+        d = source.fetchOnce()
+        self.gateway.grant(1000)
+        self.gateway.grant(2000)
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 6881, 2000, 60))
+        self.assertEqual(self.successResultOf(d).port, 2000)
+        self.assertEqual(errors(self.metrics, "gateway"), 0)
+
+    def test_tcpWins(self) -> None:
+        """Still different: TCP's port is used, and the conflict counted."""
+        source = self.makeSource()
+        d = source.fetchOnce()
+        self.gateway.grant(1000)
+        self.gateway.grant(2000)
+        self.gateway.grant(1000)
+        self.assertEqual(self.successResultOf(d).port, 2000)
+        self.assertEqual(errors(self.metrics, "gateway"), 1)
+
+    def test_shortestLifetime(self) -> None:
+        """The reported lifetime is the shorter of the two grants."""
+        source = self.makeSource()
+        d = source.fetchOnce()
+        self.gateway.grant(lifetime=60)
+        self.gateway.grant(lifetime=45)
+        self.assertEqual(self.successResultOf(d).note, "ttl=45s")
+
+
+class DaemonTests(SourceTestCase):
+    """NATPMPSource.start: renewals, retries, epochs, announcements, stop."""
+
+    def started(self, **portmap: object) -> NATPMPSource:
+        source = self.makeSource(**portmap)
+        source.start(self.delivered.append)
+        return source
+
+    def mapBoth(self, port: int | None = None, lifetime: int | None = None) -> None:
+        self.gateway.grant(port, lifetime)
+        self.gateway.grant(port, lifetime)
+
+    def test_renewAtHalfLifetime(self) -> None:
+        """Renewals every 30 s for a 60 s grant, two datagrams each."""
+        self.started()
+        self.mapBoth(6881)
+        self.assertEqual(len(self.gateway.pending()), 2)
+        for period in range(1, 5):
+            self.reactor.advance(29.9)
+            self.assertEqual(self.gateway.pending(), [])
+            self.reactor.advance(0.1)
+            self.mapBoth()
+            self.assertEqual(len(self.gateway.pending()), 2, f"period {period}")
+        self.assertEqual([f.port for f in self.delivered], [6881] * 5)
+        self.assertEqual(self.delivered[-1].expires, 120.0 + 60)
+
+    def test_renewalSuggestsGrant(self) -> None:
+        """Renewals suggest the port last granted, not the internal port."""
+        self.started()
+        self.mapBoth(40000)
+        self.gateway.pending()
+        self.reactor.advance(30)
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 6881, 40000, 60))
+        self.assertEqual(self.gateway.grant(), MapRequest("TCP", 6881, 40000, 60))
+
+    def test_internalPortStable(self) -> None:
+        """qBittorrent is asked its port once; renewals keep the same one."""
+        asked: list[int] = []
+
+        def sinkPort() -> Deferred[int]:
+            asked.append(1)
+            return succeed(6881 + len(asked))
+
+        source = self.makeSource(sinkPort=sinkPort)
+        source.start(self.delivered.append)
+        self.mapBoth(40000)
+        self.reactor.advance(30)
+        self.assertEqual(self.gateway.grant().internalPort, 6882)
+        self.assertEqual(asked, [1])
+
+    def test_shorterGrant(self) -> None:
+        """A 20 s grant is renewed after 10 s."""
+        self.started()
+        self.mapBoth(lifetime=20)
+        self.gateway.pending()
+        self.reactor.advance(9.9)
+        self.assertEqual(self.gateway.pending(), [])
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.gateway.pending()), 1)
+
+    def test_noLifetimeUsesRefresh(self) -> None:
+        """A grant without lifetime is renewed after refresh_secs."""
+        self.started(refresh_secs=45)
+        self.mapBoth(lifetime=0)
+        self.gateway.pending()
+        self.reactor.advance(44.9)
+        self.assertEqual(self.gateway.pending(), [])
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.gateway.pending()), 1)
+
+    def test_changedGrantDelivered(self) -> None:
+        """A renewal granting another port delivers it at once."""
+        self.started()
+        self.mapBoth(40000)
+        self.reactor.advance(30)
+        self.mapBoth(41000)
+        self.assertEqual([f.port for f in self.delivered], [40000, 41000])
+
+    def test_failureRetriesQuickly(self) -> None:
+        """A refused renewal is retried after 1, 2, 4 s, within the lease."""
+        self.started()
+        self.mapBoth(6881)
+        self.gateway.pending()
+        self.reactor.advance(30)
+        sent: list[float] = []
+        for _ in range(3):
+            self.gateway.refuse(ResultCode.NETWORK_FAILURE)
+            self.gateway.pending()
+            while not self.gateway.socket.written:
+                self.reactor.advance(0.5)
+            sent.append(self.reactor.seconds())
+        self.assertEqual(sent, [31.0, 33.0, 37.0])
+        self.assertEqual(errors(self.metrics, "gateway"), 3)
+
+    def test_retryNeverPastLease(self) -> None:
+        """With 2 s left on the lease, the retry comes within 2 s."""
+        self.started()
+        self.mapBoth(6881, lifetime=10)
+        self.reactor.advance(5)
+        for _ in range(3):  # 1 s, 2 s, then 4 s capped to the 1 s left
+            self.gateway.refuse(ResultCode.NETWORK_FAILURE)
+            self.gateway.pending()
+            while not self.gateway.socket.written:
+                self.reactor.advance(0.25)
+        self.assertEqual(self.reactor.seconds(), 10.0)
+
+    def test_silentGatewayKeepsTrying(self) -> None:
+        """A gateway silent for 128 s fails the try; another starts in 1 s."""
+        self.started(protocol="UDP")
+        self.gateway.pending()
+        advance(self.reactor, 127.75)
+        self.assertEqual(len(self.gateway.pending()), 8)
+        self.reactor.advance(1)
+        self.assertEqual(len(self.gateway.pending()), 1)
+
+    def test_epochResetFromResponse(self) -> None:
+        """An epoch gone back remaps everything after the random 0-5 s wait."""
+        self.started()
+        self.mapBoth(6881)
+        self.reactor.advance(30)
+        self.gateway.epoch = 0
+        self.gateway.started = 30
+        self.mapBoth(7000)
+        self.gateway.pending()
+        self.assertEqual(
+            sample(self.metrics, "qb_port_sync_gateway_epoch_resets_total"), 1.0
+        )
+        self.reactor.advance(2.4)
+        self.assertEqual(self.gateway.pending(), [])
+        self.reactor.advance(0.1)  # random 0.5 × 5 s
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 6881, 7000, 60))
+
+    def test_epochSteady(self) -> None:
+        """An epoch that advances with time is no reset."""
+        self.started()
+        self.mapBoth(6881)
+        for _ in range(4):
+            self.reactor.advance(30)
+            self.mapBoth()
+        self.assertEqual(
+            sample(self.metrics, "qb_port_sync_gateway_epoch_resets_total"), 0.0
+        )
+
+    def announcementPort(self) -> FakeUDPTransport:
+        return next(p for p in self.reactor.open() if p.port == 5350)
+
+    def test_listensForAnnouncements(self) -> None:
+        """The daemon joins 224.0.0.1 on port 5350."""
+        self.started()
+        self.assertEqual(self.announcementPort().groups, [("224.0.0.1", "")])
+
+    def test_natpmpAnnouncement(self) -> None:
+        """A NAT-PMP announcement with a reset epoch triggers a remap."""
+        self.started()
+        self.mapBoth(6881)
+        self.gateway.pending()
+        self.reactor.advance(10)
+        self.announcementPort().protocol.datagramReceived(
+            encodeResponse(ExternalAddressResponse(OK, 0, "203.0.113.5")),
+            (GATEWAY, 5351),
+        )
+        self.reactor.advance(2.5)
+        self.assertEqual(len(self.gateway.pending()), 1)
+
+    def test_pcpAnnouncement(self) -> None:
+        """A PCP ANNOUNCE (version 2) with a reset epoch triggers a remap."""
+        self.started()
+        self.mapBoth(6881)
+        self.gateway.pending()
+        self.reactor.advance(10)
+        announce = bytes.fromhex("0280 0000 00000000 00000000") + bytes(12)
+        self.announcementPort().protocol.datagramReceived(announce, (GATEWAY, 5351))
+        self.reactor.advance(2.5)
+        self.assertEqual(len(self.gateway.pending()), 1)
+
+    def test_strangerAnnouncement(self) -> None:
+        """Announcements from anyone but our gateway are dropped and counted."""
+        self.started()
+        self.mapBoth(6881)
+        self.gateway.pending()
+        self.reactor.advance(10)
+        self.announcementPort().protocol.datagramReceived(
+            encodeResponse(ExternalAddressResponse(OK, 0, "203.0.113.5")),
+            ("198.51.100.66", 5351),
+        )
+        self.reactor.advance(5)
+        self.assertEqual(self.gateway.pending(), [])
+        self.assertEqual(dropped(self.metrics, "stranger"), 1)
+
+    def test_addressChange(self) -> None:
+        """An announced new external address triggers a remap."""
+        self.started()
+        self.mapBoth(6881)
+        self.gateway.pending()
+        listener = self.announcementPort().protocol
+        for address in ("203.0.113.5", "203.0.113.6"):
+            self.reactor.advance(1)
+            listener.datagramReceived(
+                encodeResponse(ExternalAddressResponse(OK, 1001, address)),
+                (GATEWAY, 5351),
+            )
+        self.reactor.advance(2.5)
+        self.assertEqual(len(self.gateway.pending()), 1)
+
+    def test_stop(self) -> None:
+        """stop() closes both sockets and leaves no timer; deletes nothing."""
+        source = self.started()
+        self.mapBoth(6881)
+        socket = self.gateway.socket
+        socket.written.clear()
+        self.successResultOf(source.stop())
+        self.assertEqual(self.reactor.open(), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(socket.written, [])
+
+    def test_stopWhileMapping(self) -> None:
+        """stop() during a request cancels it and its retransmissions."""
+        source = self.started()
+        self.successResultOf(source.stop())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.delivered, [])
+
+    def test_releaseOnExit(self) -> None:
+        """release_on_exit deletes each mapping: our internal port, lifetime 0."""
+        source = self.started(release_on_exit=True)
+        self.mapBoth(40000)
+        self.gateway.pending()
+        socket = self.gateway.socket
+        d = source.stop()
+        self.assertEqual(self.gateway.grant(0, 0), MapRequest("UDP", 6881, 0, 0))
+        self.assertEqual(self.gateway.grant(0, 0), MapRequest("TCP", 6881, 0, 0))
+        self.successResultOf(d)
+        self.assertEqual(len(socket.written), 2)
+        self.assertEqual(self.reactor.open(), [])
+
+    def test_releaseGivesUp(self) -> None:
+        """A silent gateway holds up stop() for 1.75 s at most."""
+        source = self.started(release_on_exit=True, protocol="UDP")
+        self.gateway.grant()
+        d = source.stop()
+        advance(self.reactor, 1.625)
+        self.assertNoResult(d)
+        self.reactor.advance(0.125)
+        self.successResultOf(d)
