@@ -20,8 +20,8 @@ from qbportsync.config import Config, ConfigError, loadConfig
 from qbportsync.interfaces import IPortSink, IPortSource, SourceUnavailable
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
-from qbportsync.sources.portfile import NotifierFactory, PortFileSource
 from qbportsync.sdnotify import SystemdNotifier
+from qbportsync.sources.portfile import NotifierFactory, PortFileSource
 from qbportsync.status import statusLine
 from qbportsync.sync import PortSync
 from qbportsync.web import ListenError, makeWebService
