@@ -21,9 +21,9 @@ from qbportsync import __version__
 from qbportsync.config import Config, ListenConfig, ProtonVPNConfig
 from qbportsync.interfaces import SourceUnavailable
 from qbportsync.metrics import Metrics
+from qbportsync.sdnotify import SystemdNotifier
 from qbportsync.sources.portfile import PortFileSource
 from qbportsync.sync import PortSync
-from qbportsync.sdnotify import SystemdNotifier
 from qbportsync.tap import (
     READY_GRACE_SECS,
     Options,
