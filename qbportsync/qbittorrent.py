@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -57,11 +57,14 @@ class LoginRefused(QBittorrentError):
         """C{reactor.seconds()} before which no login will be attempted."""
 
 
-def makeHTTPClient(reactor: Any, config: QBittorrentConfig) -> HTTPClient:
+def makeHTTPClient(
+    reactor: Any, config: QBittorrentConfig, pool: HTTPConnectionPool | None = None
+) -> HTTPClient:
     """
     The one HTTP client (and cookie jar) for the daemon's life.  HTTPS is
     verified against the system's trust store, or only against the CA
-    certificates in C{config.ca_file} when that is set.
+    certificates in C{config.ca_file} when that is set.  A persistent
+    C{pool} keeps connections open between requests; its owner closes it.
     """
     policy: IPolicyForHTTPS
     if config.ca_file:
@@ -69,7 +72,7 @@ def makeHTTPClient(reactor: Any, config: QBittorrentConfig) -> HTTPClient:
         policy = BrowserLikePolicyForHTTPS(trustRoot=trustRoot)
     else:
         policy = BrowserLikePolicyForHTTPS()
-    return HTTPClient(Agent(reactor, contextFactory=policy))
+    return HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
 
 
 def _loadTrustRoot(path: str) -> object:
@@ -203,7 +206,7 @@ class QBittorrentClient:
         randomPort = prefs.get("random_port", False)
         verified = actual == port and not randomPort
         if verified:
-            _log.info(
+            _log.debug(
                 "qBittorrent at {url} now listens on port {port} (was {previous})",
                 url=self._baseURL,
                 port=port,

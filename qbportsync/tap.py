@@ -10,10 +10,12 @@ import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 from twisted.python.filepath import FilePath
+from twisted.web.client import HTTPConnectionPool
 
 from qbportsync._version import __version__
 from qbportsync.config import Config, ConfigError, loadConfig
@@ -161,10 +163,24 @@ def makeSource(
     )
 
 
-def makeSink(reactor: Any, config: Config) -> QBittorrentClient:
+def makeSink(
+    reactor: Any, config: Config, pool: HTTPConnectionPool | None = None
+) -> QBittorrentClient:
     """The qBittorrent Web API client, with one HTTP session for its life."""
-    http = makeHTTPClient(reactor, config.qbittorrent)
+    http = makeHTTPClient(reactor, config.qbittorrent, pool)
     return QBittorrentClient(reactor, http, config.qbittorrent)
+
+
+class ConnectionPoolService(Service):
+    """Closes the daemon's kept-alive connections to qBittorrent on stop."""
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self.pool = pool
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed
 
 
 def buildService(
@@ -177,7 +193,9 @@ def buildService(
     cannot work here.
     """
     metrics = Metrics.create()
-    sink = makeSink(reactor, config)
+    # Kept-alive connections halve the time of an update (benchmarks/).
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    sink = makeSink(reactor, config, pool)
     try:
         source = makeSource(reactor, config, strategy, metrics, sink)
     except SourceUnavailable as e:
@@ -203,7 +221,8 @@ def buildService(
     ready.addTimeout(READY_GRACE_SECS, reactor, onTimeoutCancel=lambda *a: None)
     ready.addCallback(lambda _: notifier.ready())
     top = MultiService()
-    for service in (sync, web, notifier):  # stopped in reverse: STOPPING=1 first
+    # Stopped in reverse order: STOPPING=1 first, connections last.
+    for service in (ConnectionPoolService(pool), sync, web, notifier):
         service.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 

@@ -165,7 +165,9 @@ class ClientTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.assertEqual(dropped(self.metrics, "mismatch"), 4)
         reply(self.transport, MapResponse("TCP", OK, 6, 6881, 7000, 30))
-        self.assertEqual(self.successResultOf(d).epoch, 6)  # type: ignore[union-attr]
+        self.assertEqual(
+            self.successResultOf(d), MapResponse("TCP", OK, 6, 6881, 7000, 30)
+        )
         self.assertEqual(self.epochs, [6])
 
     def test_unexpected(self) -> None:
@@ -446,7 +448,7 @@ class DaemonTests(SourceTestCase):
     """NATPMPSource.start: renewals, retries, epochs, announcements, stop."""
 
     def started(self, **portmap: object) -> NATPMPSource:
-        source = self.makeSource(**portmap)
+        source = self.makeSource(**portmap)  # type: ignore[arg-type]
         source.start(self.delivered.append)
         return source
 

@@ -26,6 +26,7 @@ from qbportsync.sources.portfile import PortFileSource
 from qbportsync.sync import PortSync
 from qbportsync.tap import (
     READY_GRACE_SECS,
+    ConnectionPoolService,
     Options,
     buildService,
     makeService,
@@ -144,7 +145,8 @@ class BuilderTests(SynchronousTestCase):
         self.assertTrue(IServiceCollection.providedBy(top))
         children = list(top)  # type: ignore[call-overload]
         self.assertEqual(
-            [type(c) for c in children], [PortSync, WebService, SystemdNotifier]
+            [type(c) for c in children],
+            [ConnectionPoolService, PortSync, WebService, SystemdNotifier],
         )
 
     def test_webPortInUse(self) -> None:

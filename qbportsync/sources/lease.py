@@ -212,9 +212,9 @@ class LeaseKeeper:
         else:
             self.expires = None
             delay = self._fallbackRefresh
-        self._onMapped(mapped)
         if self._running and self._timer is None:
             self._timer = self._reactor.callLater(delay, self._run)
+        self._onMapped(mapped)
 
     def _failed(self, failure: Failure) -> None:
         if failure.check(CancelledError) or not self._running:

@@ -218,9 +218,11 @@ class PortFileSource:
         try:
             content = self._read()
         except FileNotFoundError:
-            self._noteContent(
-                b"", "The port file {path} is gone: keeping the last port"
-            )
+            if self._lastContent is None:
+                message = "No port file at {path} yet: waiting for the VPN client"
+            else:
+                message = "The port file {path} is gone: keeping the last port"
+            self._noteContent(b"", message)
             return
         except OSError as e:
             self._metrics.errors.labels(kind="file").inc()

@@ -1,0 +1,439 @@
+"""
+NAT-PMP against a real gateway: miniupnpd 2.3.1 in network namespaces
+(L{tests.rig_gateway}), with qbittorrent-nox on the client side.
+
+Our code runs as a subprocess inside the client namespace: the one-shot CLI
+when it supports natpmp, else the small driver at the end of this module
+(C{python -m tests.test_integration_natpmp}), which runs L{NATPMPSource}
+and applies what it delivers with the real qBittorrent client.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from tests.rig import stopProcess, waitFor
+from tests.rig_gateway import (
+    CLIENT_ADDRESS,
+    GATEWAY_ADDRESS,
+    ClientQBittorrent,
+    GatewayRig,
+    requireGatewayTools,
+)
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def writeConfig(
+    rig: GatewayRig, qbittorrent: ClientQBittorrent, **portmap: object
+) -> Path:
+    """A configuration file for the code under test."""
+    lines = [
+        "[qbittorrent]",
+        f'base_url = "{qbittorrent.baseURL}"',
+        f'username = "{qbittorrent.username}"',
+        f'password = "{qbittorrent.password}"',
+        "[portmap]",
+        f'gateway = "{GATEWAY_ADDRESS}"',
+    ]
+    for key, value in portmap.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    path = rig.directory / f"config-{len(list(rig.directory.glob('config-*')))}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Capture:
+    """tshark on the client's link, for NAT-PMP and PCP ports."""
+
+    def __init__(self, rig: GatewayRig) -> None:
+        self.rig = rig
+        self.path = rig.directory / f"natpmp-{time.monotonic_ns()}.pcapng"
+        self.path.touch()
+        self.errors = rig.directory / "tshark.err"
+        with open(self.errors, "ab") as err:
+            self.process = subprocess.Popen(
+                rig.command(
+                    rig.client,
+                    [
+                        "tshark",
+                        "-q",
+                        "-i",
+                        "c0",
+                        "-w",
+                        str(self.path),
+                        "-f",
+                        "udp port 5350 or udp port 5351",
+                    ],
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        waitFor(
+            lambda: "Capturing on" in self.errors.read_text(errors="replace"),
+            "tshark to start capturing",
+            15,
+        )
+
+    def stop(self) -> None:
+        time.sleep(0.2)  # let the last datagrams reach the file
+        stopProcess(self.process)
+
+    def fields(self, *names: str, displayFilter: str = "nat-pmp") -> list[list[str]]:
+        """One row per packet matching C{displayFilter}."""
+        argv = ["tshark", "-r", str(self.path), "-Y", displayFilter, "-T", "fields"]
+        for name in names:
+            argv += ["-e", name]
+        out = subprocess.run(
+            argv, check=True, capture_output=True, text=True, timeout=30
+        ).stdout
+        return [line.split("\t") for line in out.splitlines() if line]
+
+
+class Driver:
+    """Our daemon-mode source in the client namespace, as JSON events."""
+
+    def __init__(self, rig: GatewayRig, config: Path, randomValue: str = "") -> None:
+        self.output = rig.directory / f"driver-{time.monotonic_ns()}.jsonl"
+        self.errors = rig.directory / "driver.err"
+        argv = [sys.executable, "-m", "tests.test_integration_natpmp", str(config)]
+        if randomValue:
+            argv.append(randomValue)
+        with open(self.output, "wb") as out, open(self.errors, "ab") as err:
+            self.process = subprocess.Popen(
+                rig.command(rig.client, argv),
+                cwd=PROJECT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        text = self.output.read_text(errors="replace")
+        events = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [e for e in events if kind is None or e["event"] == kind]
+
+    def waitFor(self, kind: str, count: int = 1, timeout: float = 20) -> dict[str, Any]:
+        def seen() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"driver exited: {self.errors.read_text(errors='replace')[-3000:]}"
+                )
+            return len(self.events(kind)) >= count
+
+        waitFor(seen, f"{count} {kind} events", timeout, 0.01)
+        return self.events(kind)[count - 1]
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM: the driver stops the source and reports its metrics."""
+        os.kill(self.process.pid, signal.SIGTERM)
+        self.process.wait(15)
+        return self.events("stopped")[-1]
+
+
+class NATPMPIntegrationTests(TestCase):
+    """Our NAT-PMP client against miniupnpd, for real."""
+
+    def setUp(self) -> None:
+        requireGatewayTools()
+        self.rig = GatewayRig()
+        self.addCleanup(self.rig.close)
+        self.qbittorrent = ClientQBittorrent(self.rig)
+
+    def oneShot(self, config: Path) -> tuple[int, dict[str, Any]]:
+        """The CLI one-shot, or the driver's equivalent until natpmp is wired."""
+        for argv in (
+            [
+                sys.executable,
+                "-m",
+                "qbportsync",
+                "--once",
+                "--strategy",
+                "natpmp",
+                "--json",
+                "--config",
+                str(config),
+            ],
+            [
+                sys.executable,
+                "-m",
+                "tests.test_integration_natpmp",
+                str(config),
+                "--once",
+            ],
+        ):
+            done = subprocess.run(
+                self.rig.command(self.rig.client, argv),
+                check=False,
+                cwd=PROJECT,
+                capture_output=True,
+                text=True,
+                timeout=200,
+            )
+            outcome: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+            if "not available yet" not in outcome.get("note", ""):
+                return done.returncode, outcome
+        raise AssertionError("unreachable")
+
+    def natpmpc(self, *args: str) -> str:
+        return self.rig.run(
+            self.rig.client, ["natpmpc", "-g", GATEWAY_ADDRESS, *args]
+        ).stdout
+
+    def test_oneShotMapsAndApplies(self) -> None:
+        """
+        The one-shot maps UDP and TCP to one port, applies it, and natpmpc
+        agrees.  TCP 6881 is taken, so the gateway first grants UDP 6881 and
+        TCP 6882, and BOTH reconciliation settles on 6882.
+        """
+        taken = self.natpmpc("-a", "6881", "7000", "tcp", "60")
+        self.assertIn("Mapped public port 6881 protocol TCP to local port 7000", taken)
+        capture = Capture(self.rig)
+        code, outcome = self.oneShot(writeConfig(self.rig, self.qbittorrent))
+        capture.stop()
+        self.assertEqual(
+            (code, outcome["detected_port"], outcome["applied"], outcome["verified"]),
+            (0, 6882, True, True),
+            outcome,
+        )
+        self.assertIn("ttl=60s", outcome["note"])
+        self.assertEqual(self.qbittorrent.listenPort(), 6882)
+        rules = self.rig.rules()
+        for protocol in ("0x6", "0x11"):
+            self.assertRegex(
+                rules, rf"{protocol} th dport 6882 dnat ip to {CLIENT_ADDRESS}:6881"
+            )
+        # Requests as the capture shows them: UDP, TCP, UDP again.
+        requests = capture.fields(
+            "nat-pmp.opcode",
+            "nat-pmp.internal_port",
+            "nat-pmp.external_port",
+            displayFilter="nat-pmp && ip.src == " + CLIENT_ADDRESS,
+        )
+        self.assertEqual(
+            requests,
+            [["1", "6881", "6881"], ["2", "6881", "6881"], ["1", "6881", "6882"]],
+        )
+        self.assertEqual(
+            capture.fields("frame.number", displayFilter="_ws.malformed"), []
+        )
+        # natpmpc, asking the same, gets the same mapping.
+        for protocol in ("udp", "tcp"):
+            agreed = self.natpmpc("-a", "6882", "6881", protocol, "60")
+            self.assertIn(
+                f"Mapped public port 6882 protocol {protocol.upper()} to local "
+                "port 6881 liftime 60",
+                agreed,
+            )
+
+    def test_renewals(self) -> None:
+        """
+        With 4 s leases the daemon renews every 2 s: two requests per round,
+        no retransmission, one answer each, and the capture decodes cleanly.
+        """
+        capture = Capture(self.rig)
+        driver = Driver(
+            self.rig, writeConfig(self.rig, self.qbittorrent, lifetime_secs=4)
+        )
+        rounds = 5
+        driver.waitFor("forwarded", rounds, timeout=20)
+        stopped = driver.stop()
+        capture.stop()
+        forwarded = driver.events("forwarded")
+        times = [e["mono"] for e in forwarded]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        for gap in gaps:
+            self.assertAlmostEqual(gap, 2.0, delta=0.1)
+        self.assertEqual({e["port"] for e in forwarded}, {6881})
+        requests = capture.fields(
+            "frame.time_relative",
+            "nat-pmp.opcode",
+            "nat-pmp.pml",
+            displayFilter=f"nat-pmp && ip.src == {CLIENT_ADDRESS}",
+        )
+        answers = capture.fields(
+            "nat-pmp.opcode",
+            "nat-pmp.result_code",
+            displayFilter=f"nat-pmp && ip.src == {GATEWAY_ADDRESS}",
+        )
+        self.assertEqual(len(requests), 2 * len(forwarded))
+        self.assertEqual(len(answers), len(requests))
+        self.assertEqual({a[1] for a in answers}, {"0"})
+        self.assertEqual({r[2] for r in requests}, {"4"})
+        self.assertEqual(
+            capture.fields("frame.number", displayFilter="_ws.malformed"), []
+        )
+        self.assertEqual(stopped["dropped"], 0)
+        self.assertEqual(driver.events("applied")[0]["port"], 6881)
+        print(
+            f"\nrenewals: {len(forwarded)} rounds, {len(requests)} requests, "
+            f"{len(answers)} answers, gaps {[round(g, 3) for g in gaps]}",
+            file=sys.stderr,
+        )
+
+    def test_gatewayRestart(self) -> None:
+        """
+        miniupnpd restarted (epoch 0, mappings gone): its PCP ANNOUNCE is
+        heard and we remap and re-apply within the 0-5 s wait, long before
+        the 30 s renewal.
+        """
+        driver = Driver(self.rig, writeConfig(self.rig, self.qbittorrent))
+        driver.waitFor("applied")
+        time.sleep(3)  # an epoch old enough for a restart to show
+        self.assertIn("6881 dnat", self.rig.rules())
+        restarted = time.monotonic()
+        self.rig.restart()
+        self.assertNotIn("dnat", self.rig.rules())
+        remapped = driver.waitFor("forwarded", 2, timeout=15)["mono"]
+        applied = driver.waitFor("applied", 2, timeout=15)["mono"]
+        self.assertIn("6881 dnat", self.rig.rules())
+        logs = [e["text"] for e in driver.events("log")]
+        self.assertTrue(
+            any("announced epoch" in t and "(pcp)" in t for t in logs), logs
+        )
+        self.assertTrue(any("epoch went back" in t for t in logs), logs)
+        stopped = driver.stop()
+        self.assertEqual(stopped["epoch_resets"], 1)
+        self.assertLess(remapped - restarted, 5.5)
+        print(
+            f"\nrestart: remapped after {remapped - restarted:.3f}s, "
+            f"re-applied after {applied - restarted:.3f}s "
+            f"(random wait {float(stopped['random']) * 5:.3f}s)",
+            file=sys.stderr,
+        )
+
+    def test_announcement(self) -> None:
+        """SIGUSR1: both announcements are heard; mappings are renewed."""
+        driver = Driver(
+            self.rig, writeConfig(self.rig, self.qbittorrent), randomValue="0.1"
+        )
+        driver.waitFor("applied")
+        time.sleep(3)
+        self.rig.announce()
+        driver.waitFor("forwarded", 2, timeout=10)
+        logs = [e["text"] for e in driver.events("log")]
+        self.assertTrue(
+            any("announced epoch" in t and "(natpmp)" in t for t in logs), logs
+        )
+        self.assertTrue(
+            any("announced epoch" in t and "(pcp)" in t for t in logs), logs
+        )
+        stopped = driver.stop()
+        self.assertEqual(stopped["epoch_resets"], 1)
+
+    def test_releaseOnExit(self) -> None:
+        """release_on_exit deletes our two mappings and nothing else."""
+        self.natpmpc("-a", "9000", "9000", "tcp", "60")
+        driver = Driver(
+            self.rig,
+            writeConfig(self.rig, self.qbittorrent, release_on_exit=True),
+        )
+        driver.waitFor("applied")
+        self.assertEqual(len(re.findall("dport 6881", self.rig.rules())), 2)
+        driver.stop()
+        rules = self.rig.rules()
+        self.assertNotIn("dport 6881", rules)
+        self.assertIn("dport 9000", rules)
+
+
+def _drive(argv: list[str]) -> None:
+    """
+    Run inside the client namespace: C{CONFIG [--once | RANDOM]}.  Prints
+    one JSON object per line.
+    """
+    import random
+
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+    from twisted.logger import formatEvent, globalLogBeginner
+
+    from qbportsync.cli import applyOnce
+    from qbportsync.config import loadConfig
+    from qbportsync.interfaces import Forwarded
+    from qbportsync.metrics import Metrics
+    from qbportsync.sources.natpmp import NATPMPSource
+    from qbportsync.tap import makeSink
+
+    def emit(event: str, **fields: object) -> None:
+        print(
+            json.dumps({"event": event, "mono": time.monotonic(), **fields}), flush=True
+        )
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace", "").startswith("qbportsync."):
+            emit("log", text=formatEvent(event), level=event["log_level"].name)
+
+    async def main(reactor: Any) -> None:
+        config = loadConfig(argv[0], os.environ)
+        sink = makeSink(reactor, config)
+        metrics = Metrics.create()
+        fixed = float(argv[1]) if argv[1:2] not in ([], ["--once"]) else None
+        drawn: list[float] = []
+
+        def rnd() -> float:
+            drawn.append(random.random() if fixed is None else fixed)
+            return drawn[-1]
+
+        source = NATPMPSource(reactor, config, metrics, sink.listenPort, random=rnd)
+        if argv[1:] == ["--once"]:
+            outcome = await applyOnce(source, sink, "")
+            print(outcome.asJSON(), flush=True)
+            return
+
+        def deliver(forwarded: Forwarded) -> None:
+            emit("forwarded", port=forwarded.port, expires=forwarded.expires)
+            d = sink.apply(forwarded.port, "")
+            d.addCallback(lambda r: emit("applied", port=r.port, verified=r.verified))
+            d.addErrback(lambda f: emit("apply-failed", error=f.getErrorMessage()))
+
+        done: Deferred[None] = Deferred()
+
+        def stop(signum: int, frame: object) -> None:
+            reactor.callFromThread(finish)
+
+        def finish() -> None:
+            d = source.stop()
+
+            def report(ignored: object) -> None:
+                registry = metrics.registry
+                dropped = sum(
+                    s.value
+                    for m in registry.collect()
+                    if m.name == "qb_port_sync_datagrams_dropped"
+                    for s in m.samples
+                    if s.name.endswith("_total")
+                )
+                emit(
+                    "stopped",
+                    dropped=dropped,
+                    epoch_resets=registry.get_sample_value(
+                        "qb_port_sync_gateway_epoch_resets_total"
+                    ),
+                    random=drawn[0] if drawn else None,
+                )
+                done.callback(None)
+
+            d.addBoth(report)
+
+        signal.signal(signal.SIGTERM, stop)
+        source.start(deliver)
+        await done
+
+    globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
+    react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+
+
+if __name__ == "__main__":
+    _drive(sys.argv[1:])
