@@ -1,0 +1,664 @@
+"""
+The packaging artefacts: systemd units, launchd plist, Homebrew formula,
+install.sh, Dockerfile, CI workflow, and the sdist and wheel themselves.
+
+Tests that need built artefacts read them from C{QBPORTSYNC_DIST} (a
+directory with the sdist and the wheel) and C{QBPORTSYNC_WHEELHOUSE} (wheels
+of every runtime dependency), which C{scripts/check-packaging} sets. Without
+them those tests skip, or fail when C{QBPORTSYNC_SLOW=1} says they must run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import plistlib
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import tomllib
+import unittest
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+from twisted.scripts._twistd_unix import ServerOptions
+from twisted.trial.unittest import SynchronousTestCase
+
+from qbportsync.tap import Options
+from tests.rig import requireTool, skipOrFail
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = ROOT / "systemd" / "qb-port-sync.service"
+PATH_UNIT = ROOT / "systemd" / "qb-port-sync.path"
+ONESHOT = ROOT / "systemd" / "qb-port-sync-oneshot.service"
+PLIST = ROOT / "launchd" / "org.qbportsync.qb-port-sync.plist"
+FORMULA = ROOT / "Formula" / "qbportsync.rb"
+INSTALL_SH = ROOT / "install.sh"
+DOCKERFILE = ROOT / "Dockerfile"
+
+Unit = dict[str, dict[str, list[str]]]
+
+
+def parseUnit(text: str) -> Unit:
+    """
+    Read a systemd unit into section -> key -> values, keeping every
+    assignment of a repeated key in order (systemd's own semantics).
+    """
+    unit: Unit = {}
+    section: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = unit.setdefault(line[1:-1], {})
+            continue
+        if section is None or "=" not in line:
+            raise ValueError(f"not a unit file line: {raw!r}")
+        key, _, value = line.partition("=")
+        section.setdefault(key.strip(), []).append(value.strip())
+    return unit
+
+
+def single(unit: Unit, section: str, key: str) -> str:
+    """The one value of C{key}, which must be set exactly once."""
+    values = unit[section][key]
+    if len(values) != 1:
+        raise AssertionError(f"{section}.{key} set {len(values)} times: {values}")
+    return values[0]
+
+
+def slowOrSkip(reason: str) -> None:
+    """Skip a test that needs built artefacts, or fail it under QBPORTSYNC_SLOW=1."""
+    if os.environ.get("QBPORTSYNC_SLOW") == "1":
+        raise AssertionError(
+            f"{reason} (QBPORTSYNC_SLOW=1: run scripts/check-packaging)"
+        )
+    raise unittest.SkipTest(reason)
+
+
+def builtArtefact(pattern: str) -> Path:
+    """The one file matching C{pattern} in C{QBPORTSYNC_DIST}."""
+    dist = os.environ.get("QBPORTSYNC_DIST")
+    if not dist:
+        slowOrSkip("QBPORTSYNC_DIST is not set: no built sdist or wheel to inspect")
+        raise AssertionError("unreachable")
+    matches = sorted(Path(dist).glob(pattern))
+    if len(matches) != 1:
+        raise AssertionError(f"expected one {pattern} in {dist}, found {matches}")
+    return matches[0]
+
+
+def runQuiet(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run a checker bounded in time, capturing its words."""
+    return subprocess.run(  # noqa: PLW1510 - callers check returncode
+        argv, capture_output=True, text=True, timeout=120, **kwargs
+    )
+
+
+def markerEnvironments(pythonVersion: str) -> list[dict[str, str]]:
+    """Marker environments of macOS and Linux on the given Python."""
+    return [
+        {
+            "sys_platform": sysPlatform,
+            "platform_system": system,
+            "os_name": "posix",
+            "platform_python_implementation": "CPython",
+            "implementation_name": "cpython",
+            "python_version": pythonVersion,
+            "python_full_version": f"{pythonVersion}.0",
+        }
+        for sysPlatform, system in (("darwin", "Darwin"), ("linux", "Linux"))
+    ]
+
+
+def runtimeClosure(
+    requirements: Iterable[str], environments: list[dict[str, str]]
+) -> dict[str, list[Requirement]]:
+    """
+    Every distribution that C{requirements} pull in, directly or not, read
+    from the installed distributions' metadata, with the requirements that
+    named each one. A requirement counts if its marker holds in any of
+    C{environments}, with any extra that was asked of its distribution.
+    """
+    found: dict[str, list[Requirement]] = {}
+    extras: dict[str, set[str]] = {}
+    pending = [Requirement(r) for r in requirements]
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        known = name in found
+        found.setdefault(name, []).append(requirement)
+        wanted = extras.setdefault(name, set())
+        if known and requirement.extras <= wanted:
+            continue
+        wanted |= requirement.extras
+        for line in importlib.metadata.requires(name) or []:
+            child = Requirement(line)
+            marker: Marker | None = child.marker
+            if marker is None or any(
+                marker.evaluate({**env, "extra": extra})
+                for env in environments
+                for extra in ["", *sorted(wanted)]
+            ):
+                pending.append(child)
+    return found
+
+
+def formulaResources(text: str) -> dict[str, tuple[str, str]]:
+    """The formula's resources: name -> (url, sha256)."""
+    pattern = re.compile(
+        r'resource "([^"]+)" do\s+url "([^"]+)"\s+sha256 "([^"]+)"\s+end'
+    )
+    resources: dict[str, tuple[str, str]] = {}
+    for name, url, sha in pattern.findall(text):
+        if name in resources:
+            raise AssertionError(f"resource {name} listed twice")
+        resources[name] = (url, sha)
+    return resources
+
+
+def fakeRoot(executables: Iterable[str], units: Mapping[str, str]) -> Path:
+    """
+    A directory tree for C{systemd-analyze --root}: the host's stock system
+    units (verify needs the targets they define), the given units in
+    /etc/systemd/system, and an executable stub at each path in C{executables}.
+    """
+    root = Path(tempfile.mkdtemp(prefix="qbps-root-"))
+    shutil.copytree(
+        "/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True
+    )
+    for path in executables:
+        stub = root / path.lstrip("/")
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
+    etc = root / "etc" / "systemd" / "system"
+    etc.mkdir(parents=True)
+    for name, text in units.items():
+        (etc / name).write_text(text)
+    return root
+
+
+class SystemServiceTests(SynchronousTestCase):
+    """systemd/qb-port-sync.service."""
+
+    def setUp(self) -> None:
+        self.unit = parseUnit(SERVICE.read_text())
+
+    def test_execStart(self) -> None:
+        """The service runs twistd in the foreground, with no pidfile, on the /etc config."""
+        self.assertEqual(
+            single(self.unit, "Service", "ExecStart"),
+            "/usr/bin/twistd -n --pidfile= qbportsync "
+            "--config /etc/qb-port-sync/config.toml",
+        )
+
+    def test_execStartParsesWithTwistd(self) -> None:
+        """twistd accepts the command line, finds our plugin and passes the config on."""
+        argv = shlex.split(single(self.unit, "Service", "ExecStart"))
+        options = ServerOptions()
+        options.parseOptions(argv[1:])
+        self.assertEqual(options.subCommand, "qbportsync")
+        self.assertTrue(options["nodaemon"])
+        self.assertEqual(options["pidfile"], "")
+        self.assertEqual(options.subOptions["config"], "/etc/qb-port-sync/config.toml")
+
+    def test_lifecycle(self) -> None:
+        """Type=notify with a watchdog, restarted on failure, as user qbportsync."""
+        expected = {
+            "Type": "notify",
+            "NotifyAccess": "main",
+            "WatchdogSec": "60",
+            "Restart": "on-failure",
+            "User": "qbportsync",
+            "EnvironmentFile": "-/etc/default/qb-port-sync",
+        }
+        self.assertEqual(
+            {key: single(self.unit, "Service", key) for key in expected}, expected
+        )
+        self.assertEqual(self.unit["Install"]["WantedBy"], ["multi-user.target"])
+
+    def test_hardening(self) -> None:
+        """The sandbox directives the issue asks for are all set."""
+        expected = {
+            "NoNewPrivileges": "yes",
+            "ProtectSystem": "strict",
+            "PrivateTmp": "yes",
+            "CapabilityBoundingSet": "",
+            "SystemCallArchitectures": "native",
+        }
+        self.assertEqual(
+            {key: single(self.unit, "Service", key) for key in expected}, expected
+        )
+        families = single(self.unit, "Service", "RestrictAddressFamilies").split()
+        self.assertEqual(
+            sorted(families), ["AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"]
+        )
+
+    def test_portFileStaysReadable(self) -> None:
+        """
+        ProtectHome also covers /run/user, where ProtonVPN writes its port
+        file: only read-only keeps that file readable.
+        """
+        self.assertEqual(single(self.unit, "Service", "ProtectHome"), "read-only")
+        service = self.unit["Service"]
+        for key in ("InaccessiblePaths", "TemporaryFileSystem", "ProcSubset"):
+            self.assertNotIn(key, service)
+
+    def test_systemdAnalyzeVerify(self) -> None:
+        """systemd-analyze verify finds nothing to say about the unit."""
+        tool = requireTool("systemd-analyze")
+        root = fakeRoot(["/usr/bin/twistd"], {SERVICE.name: SERVICE.read_text()})
+        self.addCleanup(shutil.rmtree, root)
+        result = runQuiet([tool, "verify", f"--root={root}", SERVICE.name])
+        self.assertEqual(
+            (result.returncode, result.stdout + result.stderr), (0, ""), "verify"
+        )
+
+    def test_systemdAnalyzeVerifyIsStrict(self) -> None:
+        """The verify check above would notice a misspelt directive."""
+        tool = requireTool("systemd-analyze")
+        broken = SERVICE.read_text().replace("ProtectHome=", "ProtectHom=")
+        root = fakeRoot(["/usr/bin/twistd"], {SERVICE.name: broken})
+        self.addCleanup(shutil.rmtree, root)
+        result = runQuiet([tool, "verify", f"--root={root}", SERVICE.name])
+        self.assertIn("ProtectHom", result.stdout + result.stderr)
+
+    def test_exposure(self) -> None:
+        """systemd-analyze security rates the sandbox 2.0 or better ("OK")."""
+        tool = requireTool("systemd-analyze")
+        root = fakeRoot(["/usr/bin/twistd"], {SERVICE.name: SERVICE.read_text()})
+        self.addCleanup(shutil.rmtree, root)
+        result = runQuiet(
+            [tool, "security", "--offline=yes", f"--root={root}", SERVICE.name]
+        )
+        match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+        if match is None:
+            self.fail(f"no exposure level in: {result.stdout}{result.stderr}")
+        self.assertLessEqual(float(match.group(1)), 2.0)
+
+
+def verifyUserUnits(
+    testCase: SynchronousTestCase, units: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run C{systemd-analyze --user verify} on C{units} in a private user tree."""
+    tool = requireTool("systemd-analyze")
+    home = Path(tempfile.mkdtemp(prefix="qbps-user-"))
+    testCase.addCleanup(shutil.rmtree, home)
+    (home / "run").mkdir(mode=0o700)
+    unitDir = home / "config" / "systemd" / "user"
+    unitDir.mkdir(parents=True)
+    for name, text in units.items():
+        (unitDir / name).write_text(text)
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_RUNTIME_DIR": str(home / "run"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+    }
+    return runQuiet([tool, "--user", "verify", *units], env=env)
+
+
+class UserUnitTests(SynchronousTestCase):
+    """systemd/qb-port-sync.path and systemd/qb-port-sync-oneshot.service."""
+
+    def test_pathWatchesProtonPortFile(self) -> None:
+        """The path unit starts the one-shot when Proton's port file changes."""
+        unit = parseUnit(PATH_UNIT.read_text())
+        self.assertEqual(
+            single(unit, "Path", "PathChanged"), "%t/Proton/VPN/forwarded_port"
+        )
+        self.assertEqual(single(unit, "Path", "Unit"), ONESHOT.name)
+        self.assertEqual(unit["Install"]["WantedBy"], ["default.target"])
+
+    def test_oneshotCommand(self) -> None:
+        """The one-shot runs qb-port-sync --once --strategy file, which the CLI accepts."""
+        unit = parseUnit(ONESHOT.read_text())
+        self.assertEqual(single(unit, "Service", "Type"), "oneshot")
+        argv = shlex.split(single(unit, "Service", "ExecStart"))
+        self.assertEqual(
+            argv, ["/usr/bin/qb-port-sync", "--once", "--strategy", "file"]
+        )
+        options = Options()
+        options.parseOptions(argv[1:])
+        self.assertEqual((options["once"], options["strategy"]), (True, "file"))
+
+    def test_systemdAnalyzeVerify(self) -> None:
+        """systemd-analyze --user verify finds nothing to say about either unit."""
+        stub = Path(tempfile.mkdtemp(prefix="qbps-bin-")) / "qb-port-sync"
+        self.addCleanup(shutil.rmtree, stub.parent)
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
+        oneshot = ONESHOT.read_text().replace("/usr/bin/qb-port-sync", str(stub))
+        result = verifyUserUnits(
+            self, {PATH_UNIT.name: PATH_UNIT.read_text(), ONESHOT.name: oneshot}
+        )
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+
+
+class LaunchdTests(SynchronousTestCase):
+    """launchd/org.qbportsync.qb-port-sync.plist."""
+
+    def setUp(self) -> None:
+        with PLIST.open("rb") as f:
+            self.job = plistlib.load(f)
+
+    def test_label(self) -> None:
+        """The label matches the file name, as launchctl expects."""
+        self.assertEqual(self.job["Label"] + ".plist", PLIST.name)
+
+    def test_programArguments(self) -> None:
+        """The job runs qb-port-sync with options the CLI accepts."""
+        argv = self.job["ProgramArguments"]
+        self.assertTrue(argv[0].startswith("/"), argv[0])
+        self.assertTrue(argv[0].endswith("/qb-port-sync"), argv[0])
+        options = Options()
+        options.parseOptions(argv[1:])
+        self.assertEqual(
+            options["config"], "/Library/Application Support/qb-port-sync/config.toml"
+        )
+        self.assertFalse(options["once"])
+
+    def test_keepAlive(self) -> None:
+        """launchd starts the job at load and restarts it when it fails."""
+        self.assertIs(self.job["RunAtLoad"], True)
+        self.assertEqual(self.job["KeepAlive"], {"SuccessfulExit": False})
+        self.assertNotEqual(self.job.get("UserName", "root"), "root")
+
+
+class FormulaTests(SynchronousTestCase):
+    """Formula/qbportsync.rb."""
+
+    def setUp(self) -> None:
+        self.text = FORMULA.read_text()
+
+    def pythonVersion(self) -> str:
+        """The Python the formula builds its virtualenv with."""
+        match = re.search(r'depends_on "python@(3\.\d+)"', self.text)
+        if match is None:
+            self.fail("the formula names no python@3.x")
+        return match.group(1)
+
+    def test_rubySyntax(self) -> None:
+        """ruby -c accepts the formula."""
+        ruby = requireTool("ruby")
+        result = runQuiet([ruby, "-c", str(FORMULA)])
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "Syntax OK"))
+
+    def test_resourcesAreTheRuntimeClosure(self) -> None:
+        """
+        The resources are exactly the distributions that qbportsync's runtime
+        dependencies pull in, read from the installed metadata for the
+        formula's Python on macOS and Linux.
+        """
+        with (ROOT / "pyproject.toml").open("rb") as f:
+            dependencies = tomllib.load(f)["project"]["dependencies"]
+        closure = runtimeClosure(dependencies, markerEnvironments(self.pythonVersion()))
+        resources = formulaResources(self.text)
+        self.assertEqual(
+            sorted(canonicalize_name(name) for name in resources), sorted(closure)
+        )
+
+    def test_resourceVersionsSatisfyRequirements(self) -> None:
+        """Each pinned sdist satisfies every requirement that names it."""
+        with (ROOT / "pyproject.toml").open("rb") as f:
+            dependencies = tomllib.load(f)["project"]["dependencies"]
+        closure = runtimeClosure(dependencies, markerEnvironments(self.pythonVersion()))
+        for name, (url, sha) in formulaResources(self.text).items():
+            filename = url.rsplit("/", 1)[1]
+            match = re.fullmatch(r"(.+)-([^-]+)\.tar\.gz", filename)
+            if match is None:
+                self.fail(f"{name}: {url} is not an sdist")
+            self.assertEqual(canonicalize_name(match.group(1)), canonicalize_name(name))
+            self.assertRegex(sha, r"^[0-9a-f]{64}$")
+            self.assertTrue(url.startswith("https://files.pythonhosted.org/"), url)
+            version = Version(match.group(2))
+            for requirement in closure.get(canonicalize_name(name), []):
+                self.assertIn(version, requirement.specifier, f"{name}: {requirement}")
+
+    def test_serviceAndTest(self) -> None:
+        """The formula has a service block and a test of --version and a config error."""
+        self.assertIn("include Language::Python::Virtualenv", self.text)
+        self.assertIn("virtualenv_install_with_resources", self.text)
+        service = self.text.split("service do", 1)[1].split("\n  end", 1)[0]
+        self.assertIn('opt_bin/"qb-port-sync"', service)
+        test = self.text.split("test do", 1)[1]
+        self.assertIn("qb-port-sync --version", test)
+        self.assertRegex(test, r"--once.*, 2\)")
+
+
+class InstallScriptTests(SynchronousTestCase):
+    """install.sh."""
+
+    def test_shellcheck(self) -> None:
+        """shellcheck has nothing to say about install.sh."""
+        tool = requireTool("shellcheck")
+        result = runQuiet([tool, str(INSTALL_SH)])
+        self.assertEqual((result.returncode, result.stdout), (0, ""))
+
+    def test_usage(self) -> None:
+        """--help lists the options; an unknown option is a usage error (exit 2)."""
+        shown = runQuiet(["sh", str(INSTALL_SH), "--help"])
+        self.assertEqual(shown.returncode, 0)
+        for option in ("--prefix", "--user", "--uninstall", "--no-system", "--wheel"):
+            self.assertIn(option, shown.stdout)
+        wrong = runQuiet(["sh", str(INSTALL_SH), "--frobnicate"])
+        self.assertEqual(wrong.returncode, 2)
+        self.assertIn("unknown option: --frobnicate", wrong.stderr)
+
+    def test_roundTrip(self) -> None:
+        """
+        install.sh installs into a prefix, runs again without touching the
+        config, and uninstalls everything but the config.
+        """
+        wheel = builtArtefact("qbportsync-*.whl")
+        wheelhouse = os.environ.get("QBPORTSYNC_WHEELHOUSE")
+        if not wheelhouse:
+            slowOrSkip("QBPORTSYNC_WHEELHOUSE is not set: no offline dependencies")
+        prefix = Path(tempfile.mkdtemp(prefix="qbps-prefix-"))
+        self.addCleanup(shutil.rmtree, prefix)
+        env = {
+            **os.environ,
+            "PIP_NO_INDEX": "1",
+            "PIP_FIND_LINKS": str(wheelhouse),
+        }
+        python = os.environ.get("QBPORTSYNC_SYSPYTHON", "python3")
+        command = [
+            "sh",
+            str(INSTALL_SH),
+            "--prefix",
+            str(prefix),
+            "--no-system",
+            "--wheel",
+            str(wheel),
+            "--python",
+            python,
+        ]
+
+        first = runQuiet(command, env=env)
+        self.assertEqual(first.returncode, 0, first.stderr)
+        version = runQuiet([str(prefix / "bin" / "qb-port-sync"), "--version"])
+        self.assertEqual(version.stdout.split()[0], "qbportsync")
+        config = prefix / "etc" / "qb-port-sync" / "config.toml"
+        self.assertEqual(stat.S_IMODE(config.stat().st_mode), 0o600)
+        service = parseUnit(
+            (prefix / "lib" / "systemd" / "system" / SERVICE.name).read_text()
+        )
+        twistd = shlex.split(single(service, "Service", "ExecStart"))[0]
+        self.assertEqual(twistd, str(prefix / "lib/qbportsync/venv/bin/twistd"))
+        self.assertTrue(os.access(twistd, os.X_OK))
+        help = runQuiet([twistd, "qbportsync", "--help"], cwd=str(prefix))
+        self.assertIn("--config", help.stdout)
+
+        config.write_text("# mine\n")
+        second = runQuiet(command, env=env)
+        self.assertEqual(second.returncode, 0, second.stderr)
+        self.assertEqual(config.read_text(), "# mine\n")
+
+        gone = runQuiet([*command, "--uninstall"], env=env)
+        self.assertEqual(gone.returncode, 0, gone.stderr)
+        left = sorted(
+            str(p.relative_to(prefix)) for p in prefix.rglob("*") if not p.is_dir()
+        )
+        self.assertEqual(left, ["etc/qb-port-sync/config.toml"])
+
+    def test_installedUnitsVerify(self) -> None:
+        """The units install.sh writes pass systemd-analyze verify with the real binaries."""
+        tool = requireTool("systemd-analyze")
+        wheel = builtArtefact("qbportsync-*.whl")
+        wheelhouse = os.environ.get("QBPORTSYNC_WHEELHOUSE")
+        if not wheelhouse:
+            slowOrSkip("QBPORTSYNC_WHEELHOUSE is not set: no offline dependencies")
+        prefix = Path(tempfile.mkdtemp(prefix="qbps-prefix-"))
+        self.addCleanup(shutil.rmtree, prefix)
+        env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse)}
+        python = os.environ.get("QBPORTSYNC_SYSPYTHON", "python3")
+        installed = runQuiet(
+            ["sh", str(INSTALL_SH), "--prefix", str(prefix), "--no-system"]
+            + ["--wheel", str(wheel), "--python", python],
+            env=env,
+        )
+        self.assertEqual(installed.returncode, 0, installed.stderr)
+        system = prefix / "lib" / "systemd" / "system" / SERVICE.name
+        result = runQuiet([tool, "verify", str(system)])
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+        userDir = prefix / "lib" / "systemd" / "user"
+        user = verifyUserUnits(
+            self,
+            {
+                PATH_UNIT.name: (userDir / PATH_UNIT.name).read_text(),
+                ONESHOT.name: (userDir / ONESHOT.name).read_text(),
+            },
+        )
+        self.assertEqual((user.returncode, user.stdout + user.stderr), (0, ""))
+
+
+class DockerfileTests(SynchronousTestCase):
+    """Dockerfile and .dockerignore; scripts/check-packaging builds and runs the image."""
+
+    def setUp(self) -> None:
+        self.text = DOCKERFILE.read_text()
+        self.stages = re.split(r"^FROM ", self.text, flags=re.MULTILINE)[1:]
+
+    def test_multiStage(self) -> None:
+        """A builder stage and a runtime stage, both on the overridable slim base."""
+        self.assertIn("ARG BASE_IMAGE=python:3.11-slim\n", self.text)
+        self.assertEqual(
+            [stage.split()[0] for stage in self.stages], ["${BASE_IMAGE}"] * 2
+        )
+        self.assertIn("pip wheel", self.stages[0])
+
+    def test_runtimeStage(self) -> None:
+        """The runtime runs as a non-root user, installs no compiler, keeps no wheels."""
+        runtime = self.stages[-1]
+        user = re.findall(r"^USER (\S+)$", runtime, flags=re.MULTILINE)
+        self.assertEqual(user, ["qbportsync"])
+        for word in ("gcc", "build-essential", "apt-get", "/wheels /wheels"):
+            self.assertNotIn(word, runtime)
+
+    def test_healthcheck(self) -> None:
+        """The health check asks /healthz with Python's urllib, not curl."""
+        line = re.search(r"^HEALTHCHECK .*(?:\\\n.*)*", self.text, flags=re.MULTILINE)
+        if line is None:
+            self.fail("no HEALTHCHECK")
+        self.assertIn("urllib.request.urlopen", line.group(0))
+        self.assertNotIn("curl", self.text)
+        self.assertIn("/healthz", self.text)
+
+    def test_dockerignore(self) -> None:
+        """The build context leaves out VCS data, test leftovers and build output."""
+        ignored = (ROOT / ".dockerignore").read_text().split()
+        for pattern in (".git", "_trial_temp*", "build", "dist", "tests", ".venv"):
+            self.assertIn(pattern, ignored)
+        for needed in ("qbportsync", "pyproject.toml", "README.rst", "config"):
+            self.assertNotIn(needed, ignored)
+
+
+class WorkflowTests(SynchronousTestCase):
+    """.github/workflows/ci.yml."""
+
+    def test_matrixAndSteps(self) -> None:
+        """CI runs ruff, ruff format, mypy and the tests on Linux and macOS."""
+        text = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+        self.assertIn("os: [ubuntu-latest, macos-latest]", text)
+        for command in (
+            "ruff check",
+            "ruff format --check",
+            "mypy qbportsync",
+            "python -m twisted.trial tests",
+            "scripts/check-packaging",
+            'QBPORTSYNC_SLOW: "1"',
+        ):
+            self.assertIn(command, text)
+
+
+class DistributionTests(SynchronousTestCase):
+    """The sdist and the wheel that scripts/check-packaging built."""
+
+    def test_wheel(self) -> None:
+        """
+        The wheel carries the twistd plugin and py.typed, the console script,
+        and no tests, plugin cache or namespace __init__.
+        """
+        wheel = builtArtefact("qbportsync-*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            names = set(archive.namelist())
+            entryPoints = next(
+                archive.read(n).decode()
+                for n in names
+                if n.endswith(".dist-info/entry_points.txt")
+            )
+        self.assertIn("twisted/plugins/qbportsync_plugin.py", names)
+        self.assertIn("qbportsync/py.typed", names)
+        self.assertIn("qb-port-sync = qbportsync.cli:run", entryPoints)
+        for unwanted in (
+            "twisted/__init__.py",
+            "twisted/plugins/__init__.py",
+            "twisted/plugins/dropin.cache",
+        ):
+            self.assertNotIn(unwanted, names)
+        self.assertEqual([n for n in names if n.startswith("tests/")], [])
+        self.assertEqual([n for n in names if "_trial_temp" in n], [])
+
+    def test_sdist(self) -> None:
+        """
+        The sdist carries what distribution packages build from, and none of
+        the files a test run leaves behind.
+        """
+        sdist = builtArtefact("qbportsync-*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            names = {
+                name.split("/", 1)[1] for name in archive.getnames() if "/" in name
+            }
+        for wanted in (
+            "twisted/plugins/qbportsync_plugin.py",
+            "qbportsync/py.typed",
+            "config/config.example.toml",
+            "systemd/qb-port-sync.service",
+            "systemd/qb-port-sync.path",
+            "systemd/qb-port-sync-oneshot.service",
+            "launchd/" + PLIST.name,
+            "PKGBUILD",
+            "qbportsync.install",
+            "install.sh",
+            "tests/test_packaging.py",
+        ):
+            self.assertIn(wanted, names)
+        leftovers = [
+            n
+            for n in names
+            if "_trial_temp" in n
+            or n.endswith((".pyc", "dropin.cache"))
+            or "__pycache__" in n
+        ]
+        self.assertEqual(leftovers, [])
