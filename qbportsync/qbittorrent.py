@@ -10,6 +10,7 @@ from 5.2) stays in its cookie jar whatever its name.
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Literal, NoReturn
 
@@ -39,6 +40,13 @@ MAX_LOGIN_DELAY = 3600.0
 """The longest wait after refused logins; also qBittorrent's default ban."""
 BAN_DELAY = 3600.0
 """Seconds to wait once qBittorrent says our address is banned."""
+MAX_REFUSED_LOGINS = 3
+"""
+qBittorrent bans an address after 5 failed logins (MaxAuthenticationFailCount)
+and forgets them only after a good login or a ban, however slowly they come:
+so after this many refusals in a row we stop trying until restarted, leaving
+room for a person's typos in the browser.
+"""
 
 RefusalReason = Literal["credentials", "banned"]
 
@@ -315,7 +323,7 @@ class QBittorrentClient:
             self._loggedIn = True
             self._refusals = 0
             self._refused = None
-            _log.info("logged in to qBittorrent at {url}", url=self._baseURL)
+            _log.info("Logged in to qBittorrent at {url}", url=self._baseURL)
         elif code == 200 and body.strip() == b"Fails.":
             raise self._refuse(url, "credentials", now)
         elif code == 401:
@@ -337,32 +345,41 @@ class QBittorrentClient:
             raise QBittorrentError(_unexpected(url, code))
 
     def _refuse(self, url: str, reason: RefusalReason, now: float) -> LoginRefused:
-        self._refusals += 1
         if reason == "banned":
-            delay = BAN_DELAY
+            # A ban ends with qBittorrent's count of failures reset.
+            self._refusals = 0
+            retryAt = now + BAN_DELAY
             why = (
                 "qBittorrent has banned this address after too many failed "
                 "logins (its WebUI ban lasts 1 hour by default)"
             )
         else:
-            delay = min(FIRST_LOGIN_DELAY * 2 ** (self._refusals - 1), MAX_LOGIN_DELAY)
+            self._refusals += 1
             why = "wrong username or password"
-        retryAt = now + delay
-        at = time.strftime("%H:%M:%S", time.localtime(retryAt))
+            if self._refusals >= MAX_REFUSED_LOGINS:
+                retryAt = math.inf
+            else:
+                delay = FIRST_LOGIN_DELAY * 2 ** (self._refusals - 1)
+                retryAt = now + min(delay, MAX_LOGIN_DELAY)
+        if retryAt == math.inf:
+            when = (
+                f"refused {self._refusals} times in a row, so no more tries, to "
+                "keep qBittorrent from banning this address: fix the password "
+                "and restart qb-port-sync"
+            )
+        else:
+            at = time.strftime("%H:%M:%S", time.localtime(retryAt))
+            when = f"not trying again for {retryAt - now:.0f} s (until {at})"
         _log.error(
-            "qBittorrent at {url} refused the login: {why}; not trying again "
-            "for {delay:.0f} s (until {at})",
+            "qBittorrent at {url} refused the login: {why}; {when}",
             url=self._baseURL,
             why=why,
+            when=when,
             reason=reason,
-            delay=delay,
-            at=at,
             retryAt=retryAt,
         )
         self._refused = LoginRefused(
-            f"{url} refused the login: {why}; next attempt after {at}",
-            reason,
-            retryAt,
+            f"{url} refused the login: {why}; {when}", reason, retryAt
         )
         return self._refused
 

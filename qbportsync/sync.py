@@ -5,6 +5,7 @@ qBittorrent, retries failures, and puts the port back when it drifts.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -184,7 +185,8 @@ class PortSync(Service):
             refused = failure.value
             assert isinstance(refused, LoginRefused)
             self._recordError(str(refused), "auth")
-            self._scheduleRetry(at=refused.retryAt)
+            if refused.retryAt != math.inf:
+                self._scheduleRetry(at=refused.retryAt)
             return
         self._metrics.qbittorrent_up.set(0)
         self._recordError(failure.getErrorMessage(), "qbittorrent")

@@ -251,6 +251,10 @@ class GatewayRig:
             self.gw, ["nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd"]
         ).stdout
 
+    def adopt(self, process: subprocess.Popen[bytes]) -> None:
+        """Stop C{process} by its PID when the rig closes."""
+        self._cleanup.callback(stopProcess, process)
+
     def _stopAll(self) -> None:
         self.stop()
         if self.stund is not None:
@@ -325,7 +329,7 @@ class ClientQBittorrent:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        rig._cleanup.callback(stopProcess, self.process)
+        rig.adopt(self.process)
         waitFor(self._answers, "qBittorrent's Web UI", 15, 0.05)
 
     @property

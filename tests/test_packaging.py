@@ -34,7 +34,7 @@ from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
 from qbportsync.tap import Options
-from tests.rig import requireTool, skipOrFail
+from tests.rig import requireTool
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "systemd" / "qb-port-sync.service"
@@ -98,10 +98,12 @@ def builtArtefact(pattern: str) -> Path:
     return matches[0]
 
 
-def runQuiet(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """Run a checker bounded in time, capturing its words."""
-    return subprocess.run(  # noqa: PLW1510 - callers check returncode
-        argv, capture_output=True, text=True, timeout=120, **kwargs
+def runQuiet(
+    argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a checker bounded in time, capturing its words; callers check the code."""
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=300, env=env, cwd=cwd, check=False
     )
 
 
@@ -196,7 +198,7 @@ class SystemServiceTests(SynchronousTestCase):
         self.unit = parseUnit(SERVICE.read_text())
 
     def test_execStart(self) -> None:
-        """The service runs twistd in the foreground, with no pidfile, on the /etc config."""
+        """The service runs twistd in the foreground, no pidfile, on the /etc config."""
         self.assertEqual(
             single(self.unit, "Service", "ExecStart"),
             "/usr/bin/twistd -n --pidfile= qbportsync "
@@ -204,7 +206,7 @@ class SystemServiceTests(SynchronousTestCase):
         )
 
     def test_execStartParsesWithTwistd(self) -> None:
-        """twistd accepts the command line, finds our plugin and passes the config on."""
+        """twistd accepts the command line, finds our plugin, passes the config on."""
         argv = shlex.split(single(self.unit, "Service", "ExecStart"))
         options = ServerOptions()
         options.parseOptions(argv[1:])
@@ -322,7 +324,7 @@ class UserUnitTests(SynchronousTestCase):
         self.assertEqual(unit["Install"]["WantedBy"], ["default.target"])
 
     def test_oneshotCommand(self) -> None:
-        """The one-shot runs qb-port-sync --once --strategy file, which the CLI accepts."""
+        """The one-shot runs qb-port-sync --once --strategy file; the CLI accepts it."""
         unit = parseUnit(ONESHOT.read_text())
         self.assertEqual(single(unit, "Service", "Type"), "oneshot")
         argv = shlex.split(single(unit, "Service", "ExecStart"))
@@ -427,7 +429,7 @@ class FormulaTests(SynchronousTestCase):
                 self.assertIn(version, requirement.specifier, f"{name}: {requirement}")
 
     def test_serviceAndTest(self) -> None:
-        """The formula has a service block and a test of --version and a config error."""
+        """The formula has a service block, and tests --version and a config error."""
         self.assertIn("include Language::Python::Virtualenv", self.text)
         self.assertIn("virtualenv_install_with_resources", self.text)
         service = self.text.split("service do", 1)[1].split("\n  end", 1)[0]
@@ -513,7 +515,7 @@ class InstallScriptTests(SynchronousTestCase):
         self.assertEqual(left, ["etc/qb-port-sync/config.toml"])
 
     def test_installedUnitsVerify(self) -> None:
-        """The units install.sh writes pass systemd-analyze verify with the real binaries."""
+        """Units that install.sh writes pass systemd-analyze verify, real binaries."""
         tool = requireTool("systemd-analyze")
         wheel = builtArtefact("qbportsync-*.whl")
         wheelhouse = os.environ.get("QBPORTSYNC_WHEELHOUSE")
@@ -524,8 +526,10 @@ class InstallScriptTests(SynchronousTestCase):
         env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse)}
         python = os.environ.get("QBPORTSYNC_SYSPYTHON", "python3")
         installed = runQuiet(
-            ["sh", str(INSTALL_SH), "--prefix", str(prefix), "--no-system"]
-            + ["--wheel", str(wheel), "--python", python],
+            [
+                *("sh", str(INSTALL_SH), "--prefix", str(prefix), "--no-system"),
+                *("--wheel", str(wheel), "--python", python),
+            ],
             env=env,
         )
         self.assertEqual(installed.returncode, 0, installed.stderr)
@@ -544,7 +548,7 @@ class InstallScriptTests(SynchronousTestCase):
 
 
 class DockerfileTests(SynchronousTestCase):
-    """Dockerfile and .dockerignore; scripts/check-packaging builds and runs the image."""
+    """Dockerfile and .dockerignore (scripts/check-packaging builds the image)."""
 
     def setUp(self) -> None:
         self.text = DOCKERFILE.read_text()
@@ -559,7 +563,7 @@ class DockerfileTests(SynchronousTestCase):
         self.assertIn("pip wheel", self.stages[0])
 
     def test_runtimeStage(self) -> None:
-        """The runtime runs as a non-root user, installs no compiler, keeps no wheels."""
+        """The runtime runs as a non-root user, with no compiler and no wheels."""
         runtime = self.stages[-1]
         user = re.findall(r"^USER (\S+)$", runtime, flags=re.MULTILINE)
         self.assertEqual(user, ["qbportsync"])
@@ -568,12 +572,13 @@ class DockerfileTests(SynchronousTestCase):
 
     def test_healthcheck(self) -> None:
         """The health check asks /healthz with Python's urllib, not curl."""
-        line = re.search(r"^HEALTHCHECK .*(?:\\\n.*)*", self.text, flags=re.MULTILINE)
-        if line is None:
-            self.fail("no HEALTHCHECK")
-        self.assertIn("urllib.request.urlopen", line.group(0))
-        self.assertNotIn("curl", self.text)
-        self.assertIn("/healthz", self.text)
+        joined = self.text.replace("\\\n", " ")
+        checks = re.findall(r"^HEALTHCHECK .*$", joined, flags=re.MULTILINE)
+        self.assertEqual(len(checks), 1, checks)
+        self.assertIn('CMD ["python3", "-c"', checks[0])
+        self.assertIn("urllib.request.urlopen", checks[0])
+        self.assertNotIn("curl", checks[0])
+        self.assertIn("QBPORTSYNC_HEALTHZ_URL=http://127.0.0.1:9000/healthz", self.text)
 
     def test_dockerignore(self) -> None:
         """The build context leaves out VCS data, test leftovers and build output."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -29,6 +30,7 @@ from zope.interface.verify import verifyObject
 from qbportsync.config import ConfigError, QBittorrentConfig
 from qbportsync.interfaces import ApplyResult, IPortSink
 from qbportsync.qbittorrent import (
+    MAX_REFUSED_LOGINS,
     LoginRefused,
     QBittorrentClient,
     QBittorrentError,
@@ -292,11 +294,11 @@ class BanAvoidanceTests(SynchronousTestCase):
     """Refused logins are spaced out far enough never to burn the ban budget."""
 
     def test_growingDelay(self) -> None:
-        """Waits of 600, 1200, 2400, 3600, 3600 s; calls inside fail at once."""
+        """Waits of 600 then 1200 s; calls inside the wait fail at once."""
         fake = FakeQBittorrent(password="other", maxFailures=0)
         client, clock = makeClient(fake)
         self.failureResultOf(client.listenPort(), LoginRefused)
-        for delay in (600, 1200, 2400, 3600, 3600):
+        for delay in (600, 1200):
             attempts, seen = fake.loginAttempts, len(fake.requests)
             clock.advance(delay - 1)
             refused = self.failureResultOf(client.apply(1234), LoginRefused).value
@@ -306,6 +308,20 @@ class BanAvoidanceTests(SynchronousTestCase):
             clock.advance(1)
             self.failureResultOf(client.listenPort(), LoginRefused)
             self.assertEqual(fake.loginAttempts, attempts + 1)
+
+    def test_givesUpBeforeTheBan(self) -> None:
+        """After three refusals in a row no login is ever sent again."""
+        fake = FakeQBittorrent(password="other", maxFailures=0)
+        client, clock = makeClient(fake)
+        with warnings() as events:
+            for _ in range(3):
+                self.failureResultOf(client.listenPort(), LoginRefused)
+                clock.advance(3600)
+        refused = self.failureResultOf(client.listenPort(), LoginRefused).value
+        assert isinstance(refused, LoginRefused)
+        self.assertEqual(refused.retryAt, math.inf)
+        self.assertEqual(fake.loginAttempts, MAX_REFUSED_LOGINS)
+        self.assertIn("restart", formatEvent(events[-1]))
 
     def test_bannedWaitsAnHour(self) -> None:
         """After a ban the next login waits 3600 s, whatever came before."""
@@ -338,14 +354,18 @@ class BanAvoidanceTests(SynchronousTestCase):
         self.assertEqual(refused.retryAt, clock.seconds() + 600)
 
     def test_neverBanned(self) -> None:
-        """A day of calls every 30 s with a wrong password: at most one try an hour."""
-        fake = FakeQBittorrent(password="other", maxFailures=0)
+        """
+        A day of calls every 30 s with a wrong password, after one typo in a
+        browser, never gets the address banned by qBittorrent's count of 5.
+        """
+        fake = FakeQBittorrent(password="other", maxFailures=5)
+        fake.failedLogins = 1
         client, clock = makeClient(fake)
         for _ in range(24 * 120):
             client.listenPort().addErrback(lambda f: f.trap(LoginRefused))
             clock.advance(30)
-        # Tries at 0, 600, 1800, 4200 and 7800 s, then one an hour: 26.
-        self.assertEqual(fake.loginAttempts, 26)
+        self.assertFalse(fake.banned)
+        self.assertEqual(fake.failedLogins, 1 + MAX_REFUSED_LOGINS)
 
     def test_logOncePerRefusal(self) -> None:
         """Each refusal is logged once, saying why, where, and until when."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -183,6 +185,16 @@ class RetryTests(SyncTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.sink.applies), 1)
         self.clock.advance(1)
         self.assertEqual(len(self.sink.applies), 2)
+
+    def test_loginGivenUpNotRetried(self) -> None:
+        """When the client has given up logging in, no retry is scheduled."""
+        self.source.emit(40000)
+        self.sink.applies[-1][2].errback(
+            LoginRefused("refused 3 times", reason="credentials", retryAt=math.inf)
+        )
+        self.clock.advance(24 * 3600)
+        self.assertEqual(len(self.sink.applies), 1)
+        self.assertTrue(self.sync.status.last_attempt_failed)
 
     def test_unverifiedIsRetried(self) -> None:
         """qBittorrent not keeping the port counts as a failure and is retried."""
