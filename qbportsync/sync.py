@@ -75,6 +75,8 @@ class PortSync(Service):
         self._inFlight: Deferred[object] | None = None
         self._retry: IDelayedCall | None = None
         self._failures = 0
+        self._gaveUp = False
+        """qBittorrent refused our login too often: only a restart helps."""
         self._firstAttempt: list[Deferred[None]] | None = []
         self._verifier = LoopingCall(self._verify)
         self._verifier.clock = reactor
@@ -132,7 +134,9 @@ class PortSync(Service):
 
     def _update(self) -> None:
         """Start an update if one is needed and none is running."""
-        if not self.running or self._inFlight is not None or self._retry is not None:
+        if self._gaveUp or not self.running:
+            return
+        if self._inFlight is not None or self._retry is not None:
             return
         port = self._wanted
         if port is None or port == self._settled:
@@ -185,7 +189,9 @@ class PortSync(Service):
             refused = failure.value
             assert isinstance(refused, LoginRefused)
             self._recordError(str(refused), "auth")
-            if refused.retryAt != math.inf:
+            if refused.retryAt == math.inf:
+                self._gaveUp = True
+            else:
                 self._scheduleRetry(at=refused.retryAt)
             return
         self._metrics.qbittorrent_up.set(0)
