@@ -81,6 +81,8 @@ async def applyOnce(
     """Learn the port once, apply it, read it back."""
     try:
         forwarded = await source.fetchOnce()
+    except ConfigError as e:
+        return Outcome(EXIT_CONFIG, source.name, note=str(e))
     except SourceUnavailable as e:
         return Outcome(EXIT_UNSUPPORTED, source.name, note=str(e))
     except SourceError as e:

@@ -23,6 +23,7 @@ from qbportsync.interfaces import IPortSink, IPortSource, SourceUnavailable
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
 from qbportsync.sdnotify import SystemdNotifier
+from qbportsync.sources.natpmp import NATPMPSource
 from qbportsync.sources.portfile import NotifierFactory, PortFileSource
 from qbportsync.status import statusLine
 from qbportsync.sync import PortSync
@@ -153,8 +154,10 @@ def makeSource(
     The source for C{strategy}; raises L{SourceUnavailable} where it cannot
     work.
     """
-    if strategy in ("natpmp", "pcp"):
-        raise SourceUnavailable(f"the {strategy} strategy is not available yet")
+    if strategy == "pcp":
+        raise SourceUnavailable("the pcp strategy is not available yet")
+    if strategy == "natpmp":
+        return NATPMPSource(reactor, config, metrics, sink.listenPort)
     return PortFileSource(
         reactor,
         FilePath(config.protonvpn.forwarded_port_path),

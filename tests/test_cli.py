@@ -12,6 +12,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from qbportsync.cli import Outcome, applyOnce, main, oneShot
+from qbportsync.config import ConfigError
 from qbportsync.interfaces import Forwarded, SourceError, SourceUnavailable
 from qbportsync.qbittorrent import LoginRefused, QBittorrentError
 from qbportsync.tap import Options
@@ -58,6 +59,13 @@ class ApplyOnceTests(SynchronousTestCase):
             FakeSource(once=SourceUnavailable("no VPN client")), FakeSink()
         )
         self.assertEqual((outcome.code, outcome.note), (3, "no VPN client"))
+
+    def test_gatewayConfigError(self) -> None:
+        """A gateway that cannot be found from the routes is exit 2, with the fix."""
+        source = FakeSource(once=ConfigError('no gateway: set gateway = "10.2.0.1"'))
+        outcome = self.run_(source, FakeSink())
+        self.assertEqual(outcome.code, 2)
+        self.assertIn("10.2.0.1", outcome.note)
 
     def test_transientSource(self) -> None:
         """A source failing this time gives exit 1."""
@@ -142,9 +150,9 @@ class OneShotTests(SynchronousTestCase):
         """A strategy not available here: exit 3 with one JSON line."""
         path = FilePath(self.mktemp())
         path.setContent(b"")
-        code, out = self.once("--config", path.path, "--strategy", "natpmp")
+        code, out = self.once("--config", path.path, "--strategy", "pcp")
         self.assertEqual(code, 3)
-        self.assertEqual(json.loads(out)["strategy"], "natpmp")
+        self.assertEqual(json.loads(out)["strategy"], "pcp")
 
     def test_noPortFile(self) -> None:
         """The file strategy with no VPN directory: exit 3."""

@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from tests.rig import waitFor
+from tests.rig import requireTool, waitFor
 from tests.rig_gateway import (
     CLIENT_ADDRESS,
     GATEWAY_ADDRESS,
@@ -157,6 +157,8 @@ class NATPMPIntegrationTests(TestCase):
 
     def setUp(self) -> None:
         requireGatewayTools()
+        for tool in ("natpmpc", "tshark", "qbittorrent-nox"):
+            requireTool(tool)
         self.rig = GatewayRig()
         self.addCleanup(self.rig.close)
         self.qbittorrent = ClientQBittorrent(self.rig)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, fail, succeed
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -16,6 +19,12 @@ from qbportsync.interfaces import (
     SourceUnavailable,
 )
 from qbportsync.metrics import Metrics
+from qbportsync.sources.announce import (
+    Announcement,
+    AnnouncementListener,
+    NotAnnouncement,
+    decodeAnnouncement,
+)
 from qbportsync.sources.natpmp import (
     ErrorResponse,
     ExternalAddressRequest,
@@ -206,6 +215,26 @@ class ClientTests(SynchronousTestCase):
             ErrorResponse(129, ResultCode.OUT_OF_RESOURCES, 3),
         )
 
+    @given(st.binary(max_size=40))
+    def test_garbageNeverRaises(self, data: bytes) -> None:
+        """Any datagram from the gateway is handled without raising."""
+        reactor = MemoryUDPReactor()
+        client = NATPMPClient(reactor, GATEWAY, Metrics.create(), lambda epoch: None)
+        reactor.listenUDP(0, client)
+        d = client.request(MapRequest("UDP", 6881, 6881, 60))
+        d.addErrback(lambda f: f.trap(SourceError))
+        client.datagramReceived(data, SERVER)
+
+    def test_closeCancelsAll(self) -> None:
+        """Closing the socket cancels every request and sends nothing more."""
+        first = self.client.request(ExternalAddressRequest())
+        second = self.client.request(MapRequest("UDP", 1, 1, 1))
+        self.transport.stopListening()
+        self.failureResultOf(first, CancelledError)
+        self.failureResultOf(second, CancelledError)
+        self.assertEqual(len(self.transport.written), 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_cancelStartsNext(self) -> None:
         """Cancelling the request in flight stops it and sends the next."""
         first = self.client.request(ExternalAddressRequest())
@@ -223,6 +252,58 @@ def config(**portmap: object) -> Config:
     settings: dict[str, object] = {"gateway": GATEWAY}
     settings.update(portmap)
     return Config(portmap=PortmapConfig(**settings))  # type: ignore[arg-type]
+
+
+class AnnouncementTests(SynchronousTestCase):
+    """decodeAnnouncement and the listener, on their own."""
+
+    @given(st.binary(max_size=40))
+    def test_garbageNeverRaises(self, data: bytes) -> None:
+        """Any datagram on 5350 either decodes or raises NotAnnouncement."""
+        with contextlib.suppress(NotAnnouncement):
+            decodeAnnouncement(data)
+
+    def test_natpmp(self) -> None:
+        """A NAT-PMP announcement carries the epoch and external address."""
+        self.assertEqual(
+            decodeAnnouncement(
+                encodeResponse(ExternalAddressResponse(OK, 7, "203.0.113.5"))
+            ),
+            Announcement("natpmp", 7, "203.0.113.5"),
+        )
+
+    def test_natpmpFailure(self) -> None:
+        """With a failure result the address is ignored."""
+        data = encodeResponse(
+            ExternalAddressResponse(ResultCode.NETWORK_FAILURE, 7, "0.0.0.0")
+        )
+        self.assertEqual(decodeAnnouncement(data), Announcement("natpmp", 7, None))
+
+    def test_pcp(self) -> None:
+        """A PCP ANNOUNCE response carries the epoch at offset 8."""
+        data = bytes.fromhex("0280 0000 00000000 0000002a") + bytes(12)
+        self.assertEqual(decodeAnnouncement(data), Announcement("pcp", 42, None))
+
+    def test_notAnnouncements(self) -> None:
+        """PCP MAP responses, failures, odd lengths and version 1 are refused."""
+        for data, reason in (
+            (bytes.fromhex("0281 0000") + bytes(56), "opcode"),
+            (bytes.fromhex("0280 0008") + bytes(20), "result"),
+            (bytes.fromhex("0280 0000") + bytes(21), "length"),
+            (bytes.fromhex("0180 0000") + bytes(20), "version"),
+            (bytes.fromhex("0081 0000") + bytes(12), "opcode"),
+        ):
+            error = self.assertRaises(NotAnnouncement, decodeAnnouncement, data)
+            self.assertEqual(error.reason, reason)
+
+    def test_listenerDropsMalformed(self) -> None:
+        """The listener counts a malformed datagram from the gateway."""
+        metrics = Metrics.create()
+        heard: list[Announcement] = []
+        listener = AnnouncementListener(GATEWAY, heard.append, metrics)
+        listener.datagramReceived(b"\x00\x80", (GATEWAY, 5351))
+        self.assertEqual(heard, [])
+        self.assertEqual(dropped(metrics, "length"), 1)
 
 
 class FakeGateway:

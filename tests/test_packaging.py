@@ -11,6 +11,7 @@ them those tests skip, or fail when C{QBPORTSYNC_SLOW=1} says they must run.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import plistlib
 import re
@@ -25,6 +26,7 @@ import unittest
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from packaging.markers import Marker
 from packaging.requirements import Requirement
@@ -33,6 +35,7 @@ from packaging.version import Version
 from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
+from qbportsync._version import __version__
 from qbportsync.tap import Options
 from tests.rig import requireTool
 
@@ -44,6 +47,7 @@ PLIST = ROOT / "launchd" / "org.qbportsync.qb-port-sync.plist"
 FORMULA = ROOT / "Formula" / "qbportsync.rb"
 INSTALL_SH = ROOT / "install.sh"
 DOCKERFILE = ROOT / "Dockerfile"
+PKGBUILD = ROOT / "PKGBUILD"
 
 Unit = dict[str, dict[str, list[str]]]
 
@@ -439,6 +443,52 @@ class FormulaTests(SynchronousTestCase):
         self.assertRegex(test, r"--once.*, 2\)")
 
 
+# Arch names Python packages python-<name>; these keep another spelling.
+ARCH_NAMES = {"prometheus-client": "python-prometheus_client"}
+
+
+def pkgbuildArrays(*names: str) -> dict[str, list[str]]:
+    """Read bash variables and arrays out of the PKGBUILD by sourcing it."""
+    # ${!x} with x="name[@]" expands a whole array, even in macOS's bash 3.2.
+    script = r'source "$1"; shift; for v; do x="$v[@]"; printf "%s\n" "${!x}"; '
+    script += "echo; done"
+    result = runQuiet(["bash", "-c", script, "bash", str(PKGBUILD), *names])
+    if result.returncode != 0:
+        raise AssertionError(f"sourcing the PKGBUILD failed: {result.stderr}")
+    blocks = result.stdout.split("\n\n")
+    return {name: block.split() for name, block in zip(names, blocks, strict=False)}
+
+
+class PKGBUILDTests(SynchronousTestCase):
+    """PKGBUILD; scripts/check-packaging runs makepkg on it."""
+
+    def test_version(self) -> None:
+        """The PKGBUILD and the formula package the current version."""
+        version = __version__.short()
+        self.assertEqual(pkgbuildArrays("pkgver")["pkgver"], [version])
+        self.assertIn(f"/qbportsync-{version}.tar.gz", FORMULA.read_text())
+
+    def test_dependencies(self) -> None:
+        """The package depends on python and the Arch names of our dependencies."""
+        with (ROOT / "pyproject.toml").open("rb") as f:
+            dependencies = tomllib.load(f)["project"]["dependencies"]
+        names = [canonicalize_name(Requirement(d).name) for d in dependencies]
+        expected = ["python"] + [ARCH_NAMES.get(n, f"python-{n}") for n in names]
+        self.assertEqual(sorted(pkgbuildArrays("depends")["depends"]), sorted(expected))
+
+    def test_buildsFromLocalSdist(self) -> None:
+        """The source is the sdist beside the PKGBUILD, built with build/installer."""
+        arrays = pkgbuildArrays("source", "makedepends", "install")
+        self.assertEqual(
+            arrays["source"], ["qbportsync-" + __version__.short() + ".tar.gz"]
+        )
+        self.assertIn("python-build", arrays["makedepends"])
+        self.assertIn("python-installer", arrays["makedepends"])
+        self.assertEqual(arrays["install"], ["qbportsync.install"])
+        hook = (ROOT / "qbportsync.install").read_text()
+        self.assertIn("getPlugins(IPlugin)", hook)
+
+
 class InstallScriptTests(SynchronousTestCase):
     """install.sh."""
 
@@ -589,22 +639,67 @@ class DockerfileTests(SynchronousTestCase):
             self.assertNotIn(needed, ignored)
 
 
+def loadYAML(path: Path) -> dict[str, Any]:
+    """Parse a YAML file with Ruby's standard library (Python has none)."""
+    ruby = requireTool("ruby")
+    script = "puts JSON.dump(YAML.load_file(ARGV[0]))"
+    result = runQuiet([ruby, "-ryaml", "-rjson", "-e", script, str(path)])
+    if result.returncode != 0:
+        raise AssertionError(f"{path} is not valid YAML: {result.stderr}")
+    loaded: dict[str, Any] = json.loads(result.stdout)
+    return loaded
+
+
 class WorkflowTests(SynchronousTestCase):
     """.github/workflows/ci.yml."""
 
-    def test_matrixAndSteps(self) -> None:
-        """CI runs ruff, ruff format, mypy and the tests on Linux and macOS."""
-        text = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
-        self.assertIn("os: [ubuntu-latest, macos-latest]", text)
+    def setUp(self) -> None:
+        self.workflow = loadYAML(ROOT / ".github" / "workflows" / "ci.yml")
+
+    def runs(self, job: str) -> str:
+        """Every command a job runs, one after the other."""
+        steps = self.workflow["jobs"][job]["steps"]
+        return "\n".join(step.get("run", "") for step in steps)
+
+    def test_matrix(self) -> None:
+        """The test job runs on Linux and macOS."""
+        matrix = self.workflow["jobs"]["test"]["strategy"]["matrix"]
+        self.assertEqual(matrix["os"], ["ubuntu-latest", "macos-latest"])
+        self.assertEqual(self.workflow["jobs"]["test"]["runs-on"], "${{ matrix.os }}")
+
+    def test_checks(self) -> None:
+        """The test job lints, checks formatting and types, then runs the tests."""
+        runs = self.runs("test")
         for command in (
-            "ruff check",
-            "ruff format --check",
+            "ruff check .",
+            "ruff format --check .",
             "mypy qbportsync",
             "python -m twisted.trial tests",
-            "scripts/check-packaging",
-            'QBPORTSYNC_SLOW: "1"',
         ):
-            self.assertIn(command, text)
+            self.assertIn(command, runs)
+
+    def test_packagingJob(self) -> None:
+        """CI runs scripts/check-packaging with the slow checks on."""
+        self.assertIn("QBPORTSYNC_SLOW=1", self.runs("packaging"))
+        self.assertIn("scripts/check-packaging", self.runs("packaging"))
+
+
+class ComposeExampleTests(SynchronousTestCase):
+    """docs/compose.example.yml."""
+
+    def test_service(self) -> None:
+        """
+        qb-port-sync reads its config and gluetun's port file read-only, in
+        gluetun's network, and never needs the Docker socket.
+        """
+        compose = loadYAML(ROOT / "docs" / "compose.example.yml")
+        service = compose["services"]["qb-port-sync"]
+        volumes = service["volumes"]
+        self.assertIn("./config.toml:/etc/qb-port-sync/config.toml:ro", volumes)
+        self.assertIn("gluetun-port:/tmp/gluetun:ro", volumes)
+        self.assertEqual(service["network_mode"], "service:gluetun")
+        self.assertEqual(service["build"], "..")
+        self.assertNotIn("docker.sock", " ".join(volumes))
 
 
 class DistributionTests(SynchronousTestCase):

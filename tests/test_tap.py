@@ -22,6 +22,7 @@ from qbportsync.config import Config, ListenConfig, ProtonVPNConfig
 from qbportsync.interfaces import SourceUnavailable
 from qbportsync.metrics import Metrics
 from qbportsync.sdnotify import SystemdNotifier
+from qbportsync.sources.natpmp import NATPMPSource
 from qbportsync.sources.portfile import PortFileSource
 from qbportsync.sync import PortSync
 from qbportsync.tap import (
@@ -125,19 +126,25 @@ class BuilderTests(SynchronousTestCase):
             )
             self.assertIsInstance(source, PortFileSource)
 
-    def test_gatewayStrategiesNotYet(self) -> None:
-        """natpmp and pcp say they are not available yet."""
-        for strategy in ("natpmp", "pcp"):
-            error = self.assertRaises(
-                SourceUnavailable,
-                makeSource,
-                Clock(),
-                self.config(),
-                strategy,
-                Metrics.create(),
-                FakeSink(),
-            )
-            self.assertIn("not available yet", str(error))
+    def test_natpmpSource(self) -> None:
+        """'natpmp' asks the gateway, and knows qBittorrent's current port."""
+        sink = FakeSink()
+        source = makeSource(Clock(), self.config(), "natpmp", Metrics.create(), sink)
+        self.assertIsInstance(source, NATPMPSource)
+        self.assertEqual(source.name, "natpmp")
+
+    def test_pcpNotYet(self) -> None:
+        """pcp says it is not available yet."""
+        error = self.assertRaises(
+            SourceUnavailable,
+            makeSource,
+            Clock(),
+            self.config(),
+            "pcp",
+            Metrics.create(),
+            FakeSink(),
+        )
+        self.assertIn("not available yet", str(error))
 
     def test_buildService(self) -> None:
         """The daemon's tree: PortSync, the web endpoints, systemd notification."""

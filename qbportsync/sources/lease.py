@@ -220,7 +220,8 @@ class LeaseKeeper:
         if failure.check(CancelledError) or not self._running:
             return
         self._failures += 1
-        delay = min(RETRY_FIRST * 2 ** (self._failures - 1), RETRY_MAX)
+        # The exponent is capped: a float overflows after ~1000 failures.
+        delay = min(RETRY_FIRST * 2.0 ** min(self._failures - 1, 16), RETRY_MAX)
         left = None if self.expires is None else self.expires - self._reactor.seconds()
         if left is not None and left > 0:
             delay = min(delay, left)

@@ -353,8 +353,11 @@ class NATPMPClient(DatagramProtocol):
         self.transport.connect(self.gateway, SERVER_PORT)
 
     def stopProtocol(self) -> None:
-        for pending in [*([self._current] if self._current else []), *self._queue]:
-            pending.deferred.cancel()
+        # Empty the queue first, so cancelling the current request starts no other.
+        pending = [*([self._current] if self._current else []), *self._queue]
+        self._queue.clear()
+        for each in pending:
+            each.deferred.cancel()
 
     def request(self, request: Request, tries: int = TRIES) -> Deferred[Response]:
         """
@@ -426,17 +429,16 @@ class NATPMPClient(DatagramProtocol):
         current = self._current
         try:
             response = decodeResponse(datagram)
-        except UnknownResult as e:
-            self._metrics.errors.labels(kind="gateway").inc()
-            self._drop(e.reason, self.gateway)
-            if current is not None and e.opcode == _RESPONSE_BIT | _requestOpcode(
-                current.request
-            ):
-                self._fail(SourceError(f"gateway {self.gateway} sent {e}"))
-            return
         except ParseError as e:
             self._metrics.errors.labels(kind="parse").inc()
             self._drop(e.reason, self.gateway)
+            # RFC 6886 §3.5: an undefined result code is fatal for its request.
+            if (
+                isinstance(e, UnknownResult)
+                and current is not None
+                and e.opcode == _RESPONSE_BIT | _requestOpcode(current.request)
+            ):
+                self._fail(SourceError(f"gateway {self.gateway} sent {e}"))
             return
         if current is None:
             self._drop("unexpected", self.gateway)
