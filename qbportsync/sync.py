@@ -156,7 +156,11 @@ class PortSync(Service):
             self._recordError(
                 f"qBittorrent did not keep port {result.port}", "qbittorrent"
             )
-            self._scheduleRetry()
+            _log.warn(
+                "qBittorrent did not keep port {port}; trying again in {delay:.1f} s",
+                port=result.port,
+                delay=self._scheduleRetry(),
+            )
             return
         self._settled = result.port
         self._metrics.current_port.set(result.port)
@@ -197,11 +201,12 @@ class PortSync(Service):
         self._metrics.qbittorrent_up.set(0)
         self._recordError(failure.getErrorMessage(), "qbittorrent")
         _log.warn(
-            "Could not set port {port} in qBittorrent: {why}",
+            "Could not set port {port} in qBittorrent: {why}; trying again in "
+            "{delay:.1f} s",
             port=port,
             why=failure.getErrorMessage(),
+            delay=self._scheduleRetry(),
         )
-        self._scheduleRetry()
 
     def _observeDuration(self, ignored: object, started: float) -> None:
         self._metrics.apply_duration.observe(self._reactor.seconds() - started)
@@ -223,14 +228,14 @@ class PortSync(Service):
             last_attempt_failed=True,
         )
 
-    def _scheduleRetry(self, at: float | None = None) -> None:
+    def _scheduleRetry(self, at: float | None = None) -> float:
         """Try again after a growing delay, or at C{at} if that is later."""
         self._failures += 1
         delay = retryDelay(self._failures, self._rnd)
         if at is not None:
             delay = max(delay, at - self._reactor.seconds())
-        _log.info("Trying again in {delay:.1f} s", delay=delay)
         self._retry = self._reactor.callLater(delay, self._retryNow)
+        return delay
 
     def _retryNow(self) -> None:
         self._retry = None
