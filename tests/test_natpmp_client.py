@@ -25,12 +25,11 @@ from qbportsync.sources.announce import (
     NotAnnouncement,
     decodeAnnouncement,
 )
+from qbportsync.sources.lease import GatewayRefused, GatewayTimeout
 from qbportsync.sources.natpmp import (
     ErrorResponse,
     ExternalAddressRequest,
     ExternalAddressResponse,
-    GatewayRefused,
-    GatewayTimeout,
     MapRequest,
     MapResponse,
     NATPMPClient,

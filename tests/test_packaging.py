@@ -37,6 +37,7 @@ from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 
 from qbportsync._version import __version__
+from qbportsync.logs import twistdObserver
 from qbportsync.tap import Options
 from tests.rig import requireTool
 
@@ -204,8 +205,8 @@ class SystemServiceTests(SynchronousTestCase):
         """The service runs twistd in the foreground, no pidfile, on the /etc config."""
         self.assertEqual(
             single(self.unit, "Service", "ExecStart"),
-            "/usr/bin/twistd -n --pidfile= qbportsync "
-            "--config /etc/qb-port-sync/config.toml",
+            "/usr/bin/twistd -n --pidfile= --logger=qbportsync.logs.twistdObserver "
+            "qbportsync --config /etc/qb-port-sync/config.toml",
         )
 
     def test_execStartParsesWithTwistd(self) -> None:
@@ -216,6 +217,7 @@ class SystemServiceTests(SynchronousTestCase):
         self.assertEqual(options.subCommand, "qbportsync")
         self.assertTrue(options["nodaemon"])
         self.assertEqual(options["pidfile"], "")
+        self.assertIs(options["logger"], twistdObserver)
         self.assertEqual(options.subOptions["config"], "/etc/qb-port-sync/config.toml")
 
     def test_lifecycle(self) -> None:

@@ -24,6 +24,7 @@ _log = Logger()
 GROUP = "224.0.0.1"
 PORT = 5350
 _PCP_MAX = 1100
+_PCP_MAP_RESPONSE = b"\x02\x81"
 
 
 @frozen
@@ -68,7 +69,10 @@ def decodeAnnouncement(data: bytes) -> Announcement:
 
 
 class AnnouncementListener(DatagramProtocol):
-    """Hears announcements, keeps only those from our gateway."""
+    """
+    Hears announcements, keeps only those from our gateway; hands its PCP MAP
+    responses to C{onOther}.
+    """
 
     def __init__(
         self,
@@ -76,11 +80,13 @@ class AnnouncementListener(DatagramProtocol):
         onAnnouncement: Callable[[Announcement], object],
         metrics: Metrics,
         interface: str = "",
+        onOther: Callable[[bytes], object] | None = None,
     ) -> None:
         self._gateway = gateway
         self._onAnnouncement = onAnnouncement
         self._metrics = metrics
         self._interface = interface
+        self._onOther = onOther
 
     def startProtocol(self) -> None:
         transport = self.transport
@@ -100,6 +106,10 @@ class AnnouncementListener(DatagramProtocol):
         if addr[0] != self._gateway:
             self._metrics.datagrams_dropped.labels(reason="stranger").inc()
             _log.debug("ignored an announcement from {source}", source=addr[0])
+            return
+        if self._onOther is not None and datagram[:2] == _PCP_MAP_RESPONSE:
+            # RFC 6887 §14.2: unsolicited MAP responses may come here too.
+            self._onOther(datagram)
             return
         try:
             announcement = decodeAnnouncement(datagram)
