@@ -23,7 +23,9 @@ from qbportsync.interfaces import IPortSink, IPortSource, SourceUnavailable
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
 from qbportsync.sdnotify import SystemdNotifier
+from qbportsync.sources.auto import autoSource
 from qbportsync.sources.natpmp import NATPMPSource
+from qbportsync.sources.pcp import PCPSource
 from qbportsync.sources.portfile import NotifierFactory, PortFileSource
 from qbportsync.status import statusLine
 from qbportsync.sync import PortSync
@@ -154,16 +156,25 @@ def makeSource(
     The source for C{strategy}; raises L{SourceUnavailable} where it cannot
     work.
     """
-    if strategy == "pcp":
-        raise SourceUnavailable("the pcp strategy is not available yet")
+
+    def fileSource() -> PortFileSource:
+        return PortFileSource(
+            reactor,
+            FilePath(config.protonvpn.forwarded_port_path),
+            metrics,
+            inotifyFactory(reactor),
+        )
+
+    def pcpSource() -> PCPSource:
+        return PCPSource(reactor, config, metrics, sink.listenPort)
+
     if strategy == "natpmp":
         return NATPMPSource(reactor, config, metrics, sink.listenPort)
-    return PortFileSource(
-        reactor,
-        FilePath(config.protonvpn.forwarded_port_path),
-        metrics,
-        inotifyFactory(reactor),
-    )
+    if strategy == "pcp":
+        return pcpSource()
+    if strategy == "auto":
+        return autoSource(config.protonvpn.forwarded_port_path, fileSource, pcpSource)
+    return fileSource()
 
 
 def makeSink(

@@ -19,10 +19,11 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from qbportsync import __version__
 from qbportsync.config import Config, ListenConfig, ProtonVPNConfig
-from qbportsync.interfaces import SourceUnavailable
 from qbportsync.metrics import Metrics
 from qbportsync.sdnotify import SystemdNotifier
+from qbportsync.sources.auto import AutoSource
 from qbportsync.sources.natpmp import NATPMPSource
+from qbportsync.sources.pcp import PCPSource
 from qbportsync.sources.portfile import PortFileSource
 from qbportsync.sync import PortSync
 from qbportsync.tap import (
@@ -115,16 +116,11 @@ class BuilderTests(SynchronousTestCase):
         return Config(protonvpn=ProtonVPNConfig(forwarded_port_path=path.path))
 
     def test_fileSource(self) -> None:
-        """'file' and, for now, 'auto' watch the configured port file."""
-        for strategy in ("file", "auto"):
-            source = makeSource(
-                MemoryReactorClock(),
-                self.config(),
-                strategy,
-                Metrics.create(),
-                FakeSink(),
-            )
-            self.assertIsInstance(source, PortFileSource)
+        """'file' watches the configured port file."""
+        source = makeSource(
+            MemoryReactorClock(), self.config(), "file", Metrics.create(), FakeSink()
+        )
+        self.assertIsInstance(source, PortFileSource)
 
     def test_natpmpSource(self) -> None:
         """'natpmp' asks the gateway, and knows qBittorrent's current port."""
@@ -133,18 +129,37 @@ class BuilderTests(SynchronousTestCase):
         self.assertIsInstance(source, NATPMPSource)
         self.assertEqual(source.name, "natpmp")
 
-    def test_pcpNotYet(self) -> None:
-        """pcp says it is not available yet."""
-        error = self.assertRaises(
-            SourceUnavailable,
-            makeSource,
-            Clock(),
+    def test_pcpSource(self) -> None:
+        """'pcp' asks the gateway with PCP first."""
+        source = makeSource(Clock(), self.config(), "pcp", Metrics.create(), FakeSink())
+        self.assertIsInstance(source, PCPSource)
+        self.assertEqual(source.name, "pcp")
+
+    def test_autoWithPortFile(self) -> None:
+        """'auto' where the port file's directory exists: the file, explained."""
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        config = evolve(
             self.config(),
-            "pcp",
-            Metrics.create(),
-            FakeSink(),
+            protonvpn=ProtonVPNConfig(directory.child("forwarded_port").path),
         )
-        self.assertIn("not available yet", str(error))
+        source = makeSource(
+            MemoryReactorClock(), config, "auto", Metrics.create(), FakeSink()
+        )
+        self.assertIsInstance(source, AutoSource)
+        self.assertEqual(source.name, "file")
+
+    def test_autoWithoutPortFile(self) -> None:
+        """'auto' with no port file nor directory: the gateway, PCP first."""
+        config = evolve(
+            self.config(),
+            protonvpn=ProtonVPNConfig(FilePath(self.mktemp()).child("port").path),
+        )
+        source = makeSource(Clock(), config, "auto", Metrics.create(), FakeSink())
+        self.assertIsInstance(source, AutoSource)
+        assert isinstance(source, AutoSource)
+        self.assertEqual(source.name, "pcp")
+        self.assertIn("PCP, then NAT-PMP", source.reason)
 
     def test_buildService(self) -> None:
         """The daemon's tree: PortSync, the web endpoints, systemd notification."""

@@ -599,10 +599,13 @@ class GatewaySource:
         return Deferred.fromCoroutine(self._fetchOnce())
 
     async def _fetchOnce(self) -> Forwarded:
+        # Not "finally": a coroutine closed unfinished must not await.
         try:
             mapped = await self._negotiate()
-        finally:
+        except Exception:
             await self._closeSession()
+            raise
+        await self._closeSession()
         return self._forwarded(mapped)
 
     async def _remap(self) -> MappedPort:
@@ -763,7 +766,7 @@ class GatewaySource:
         if self._epochs.observe(epoch, self._reactor.seconds()):
             self._metrics.epoch_resets.inc()
             _log.warn(
-                "the gateway's epoch went to {epoch}s: it restarted and "
+                "the gateway's epoch went back to {epoch}s: it restarted and "
                 "forgot our mappings",
                 epoch=epoch,
             )

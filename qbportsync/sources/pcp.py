@@ -513,18 +513,19 @@ class PCPSession:
         self._port: IListeningPort = IReactorUDP(context.reactor).listenUDP(
             0, self.client, context.bindAddress, 8192
         )
-        self._nonces: dict[Transport, bytes] = {}
-        self._leases: dict[Transport, _Lease] = {}
+        # Keyed by (protocol, internal port): what identifies a mapping.
+        self._nonces: dict[tuple[Transport, int], bytes] = {}
+        self._leases: dict[tuple[Transport, int], _Lease] = {}
         self._blocked: dict[tuple[Transport, int], _Block] = {}
         self._answered = False
 
     def _now(self) -> float:
         return self._context.reactor.seconds()
 
-    def _waits(self, protocol: Transport) -> Iterator[float] | list[float]:
+    def _waits(self, key: tuple[Transport, int]) -> Iterator[float] | list[float]:
         if not self._answered:
             return probeWaits(self._context.random)
-        held = self._leases.get(protocol)
+        held = self._leases.get(key)
         now = self._now()
         if held is not None and now < held.grantedAt + held.lifetime:
             return renewalWaits(held.grantedAt, held.lifetime, now)
@@ -540,15 +541,16 @@ class PCPSession:
     async def _mapOne(
         self, protocol: Transport, internalPort: int, suggested: int, lifetime: int
     ) -> Grant:
-        block = self._blocked.get((protocol, internalPort))
+        key = (protocol, internalPort)
+        block = self._blocked.get(key)
         left = 0.0 if block is None else block.until - self._now()
         if block is not None and left > 0:
             raise GatewayRefusal(
                 f"{block.message}; not asking again for {left:.0f}s", left
             )
-        if protocol not in self._nonces:
-            self._nonces[protocol] = os.urandom(NONCE_LENGTH)
-        nonce = self._nonces[protocol]
+        if key not in self._nonces:
+            self._nonces[key] = os.urandom(NONCE_LENGTH)
+        nonce = self._nonces[key]
         request = MapRequest(
             nonce,
             protocol,
@@ -558,11 +560,11 @@ class PCPSession:
             lifetime,
             self.client.clientAddress,
         )
-        response = await self.client.send(request, self._waits(protocol))
+        response = await self.client.send(request, self._waits(key))
         if isinstance(response, UnsupportedVersion):
-            speaks = (
-                "NAT-PMP" if response.version == 0 else f"version {response.version}"
-            )
+            speaks = f"version {response.version}"
+            if response.version == 0:
+                speaks = "only NAT-PMP"
             raise WrongProtocol(
                 f"gateway {self.client.gateway} speaks {speaks}, not PCP"
             )
@@ -570,7 +572,7 @@ class PCPSession:
         self._answered = True
         if response.result != ResultCode.SUCCESS:
             raise self._refused(request, response)
-        self._leases[protocol] = _Lease(
+        self._leases[key] = _Lease(
             self._now(), response.lifetime, response.externalPort
         )
         return Grant(protocol, internalPort, response.externalPort, response.lifetime)
@@ -590,8 +592,8 @@ class PCPSession:
         return GatewayRefusal(message, response.lifetime)
 
     def release(self, protocol: Transport, internalPort: int) -> Deferred[None]:
-        nonce = self._nonces.get(protocol)
-        held = self._leases.pop(protocol, None)
+        nonce = self._nonces.get((protocol, internalPort))
+        held = self._leases.pop((protocol, internalPort), None)
         if nonce is None:
             return succeed(None)
         request = MapRequest(
@@ -630,14 +632,15 @@ class PCPSession:
             )
             self._context.onEpoch(response.epoch)
             return
-        if (
-            not isinstance(response, MapResponse)
-            or self._nonces.get(response.protocol) != response.nonce
-        ):
+        if isinstance(response, UnsupportedVersion):
+            self.client.drop("unexpected")
+            return
+        key = (response.protocol, response.internalPort)
+        if self._nonces.get(key) != response.nonce:
             self.client.drop("mismatch")
             return
         self._context.onEpoch(response.epoch)
-        held = self._leases.get(response.protocol)
+        held = self._leases.get(key)
         if (
             response.result == ResultCode.SUCCESS
             and held is not None
