@@ -146,13 +146,18 @@ class OneShotTests(SynchronousTestCase):
         self.assertEqual(code, 2)
         self.assertIn("qbittorrent.timeout_secs", json.loads(out)["note"])
 
-    def test_unavailableStrategy(self) -> None:
-        """A strategy not available here: exit 3 with one JSON line."""
+    def test_autoWithNothingAvailable(self) -> None:
+        """auto with no port file and no gateway to ask: exit 3, saying why."""
         path = FilePath(self.mktemp())
-        path.setContent(b"")
-        code, out = self.once("--config", path.path, "--strategy", "pcp")
+        missing = FilePath(self.mktemp()).child("forwarded_port")
+        path.setContent(
+            f'[protonvpn]\nforwarded_port_path = "{missing.path}"\n'
+            "[portmap]\nautodiscover_gateway = false\n".encode()
+        )
+        code, out = self.once("--config", path.path, "--strategy", "auto")
         self.assertEqual(code, 3)
-        self.assertEqual(json.loads(out)["strategy"], "pcp")
+        self.assertEqual(json.loads(out)["detected_port"], None)
+        self.assertTrue(json.loads(out)["note"])
 
     def test_noPortFile(self) -> None:
         """The file strategy with no VPN directory: exit 3."""

@@ -25,7 +25,6 @@ from qbportsync.sources.announce import (
     NotAnnouncement,
     decodeAnnouncement,
 )
-from qbportsync.sources.lease import GatewayRefused, GatewayTimeout
 from qbportsync.sources.natpmp import (
     ErrorResponse,
     ExternalAddressRequest,
@@ -39,6 +38,10 @@ from qbportsync.sources.natpmp import (
     UnsupportedVersion,
     decodeRequest,
     encodeResponse,
+)
+from qbportsync.sources.udpclient import (
+    GatewayRefused,
+    GatewayTimeout,
 )
 from tests.fakeudp import FakeUDPTransport, MemoryUDPReactor
 

@@ -9,8 +9,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from qbportsync.sources import lease
-from qbportsync.sources.lease import EpochSample
+from qbportsync.sources import udpclient
+from qbportsync.sources.lease import (
+    EpochSample,
+)
 from qbportsync.sources.pcp import (
     AnnounceRequest,
     AnnounceResponse,
@@ -117,7 +119,7 @@ class ValidationTests(SynchronousTestCase):
 
     def test_parseErrorsShareBase(self) -> None:
         """PCP's errors share the base the UDP client catches."""
-        self.assertTrue(issubclass(ParseError, lease.ParseError))
+        self.assertTrue(issubclass(ParseError, udpclient.ParseError))
 
     def test_tooShort(self) -> None:
         """Under 24 bytes (but version 2) is a length error."""

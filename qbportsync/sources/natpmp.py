@@ -22,15 +22,19 @@ from twisted.logger import Logger
 from qbportsync.config import Config
 from qbportsync.interfaces import SourceError, SourceUnavailable
 from qbportsync.metrics import Metrics
-from qbportsync.sources import lease
+from qbportsync.sources import udpclient
 from qbportsync.sources.lease import (
     EpochSample,
-    GatewayClient,
-    GatewaySource,
     Grant,
+    Transport,
+)
+from qbportsync.sources.mapping import (
+    GatewaySource,
     MappingProtocol,
     SessionContext,
-    Transport,
+)
+from qbportsync.sources.udpclient import (
+    GatewayClient,
     WrongProtocol,
     closePort,
 )
@@ -64,7 +68,7 @@ class ResultCode(IntEnum):
     UNSUPPORTED_OPCODE = 5
 
 
-class ParseError(lease.ParseError):
+class ParseError(udpclient.ParseError):
     """A datagram that is not a well-formed NAT-PMP message."""
 
 
@@ -316,7 +320,7 @@ class NATPMPClient(GatewayClient[Request, Response]):
     def epochOf(self, response: Response) -> int | None:
         return None if isinstance(response, UnsupportedVersion) else response.epoch
 
-    def fatal(self, error: lease.ParseError, request: Request) -> bool:
+    def fatal(self, error: udpclient.ParseError, request: Request) -> bool:
         # RFC 6886 §3.5: an undefined result code is fatal for its request.
         return isinstance(
             error, UnknownResult

@@ -21,20 +21,24 @@ from twisted.logger import Logger
 from qbportsync.config import Config
 from qbportsync.interfaces import SourceUnavailable
 from qbportsync.metrics import Metrics
-from qbportsync.sources import lease
+from qbportsync.sources import udpclient
 from qbportsync.sources.lease import (
     EpochSample,
-    GatewayClient,
-    GatewayRefusal,
-    GatewaySource,
     Grant,
+    Transport,
+)
+from qbportsync.sources.mapping import (
+    GatewaySource,
     MappingProtocol,
     SessionContext,
-    Transport,
+)
+from qbportsync.sources.natpmp import NATPMP
+from qbportsync.sources.udpclient import (
+    GatewayClient,
+    GatewayRefusal,
     WrongProtocol,
     closePort,
 )
-from qbportsync.sources.natpmp import NATPMP
 
 _log = Logger()
 
@@ -88,7 +92,7 @@ class ResultCode(IntEnum):
     EXCESSIVE_REMOTE_PEERS = 13
 
 
-class ParseError(lease.ParseError):
+class ParseError(udpclient.ParseError):
     """A datagram that is not a well-formed PCP message."""
 
 
@@ -457,7 +461,7 @@ class PCPClient(GatewayClient[Request, Response]):
     def epochOf(self, response: Response) -> int | None:
         return None if isinstance(response, UnsupportedVersion) else response.epoch
 
-    def fatal(self, error: lease.ParseError, request: Request) -> bool:
+    def fatal(self, error: udpclient.ParseError, request: Request) -> bool:
         return (
             isinstance(error, UnknownResult)
             and isinstance(request, MapRequest)
