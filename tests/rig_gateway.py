@@ -13,11 +13,13 @@ under test runs in I{client}, where a qbittorrent-nox can run too, on
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -385,3 +387,78 @@ opener.open(base + "/api/v2/auth/login", form, timeout=5)
 preferences = opener.open(base + "/api/v2/app/preferences", timeout=5)
 print(json.load(preferences)["listen_port"])
 """
+
+
+def writeConfig(
+    rig: GatewayRig, qbittorrent: ClientQBittorrent, **portmap: object
+) -> Path:
+    """A configuration file for the code under test."""
+    lines = [
+        "[qbittorrent]",
+        f'base_url = "{qbittorrent.baseURL}"',
+        f'username = "{qbittorrent.username}"',
+        f'password = "{qbittorrent.password}"',
+        "[portmap]",
+        f'gateway = "{GATEWAY_ADDRESS}"',
+    ]
+    for key, value in portmap.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    path = rig.directory / f"config-{len(list(rig.directory.glob('config-*')))}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Capture:
+    """tshark on the client's link, for NAT-PMP and PCP ports."""
+
+    def __init__(self, rig: GatewayRig) -> None:
+        self.rig = rig
+        self.path = rig.directory / f"capture-{time.monotonic_ns()}.pcapng"
+        self.path.touch()
+        self.errors = rig.directory / "tshark.err"
+        self.errors.touch()
+        started = self.errors.read_text(errors="replace").count("Capture started")
+        with open(self.errors, "ab") as err:
+            self.process = subprocess.Popen(
+                rig.command(
+                    rig.client,
+                    [
+                        "tshark",
+                        "-q",
+                        "-i",
+                        "c0",
+                        "-w",
+                        str(self.path),
+                        "-f",
+                        "udp port 5350 or udp port 5351",
+                    ],
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        rig.adopt(self.process)
+        waitFor(
+            lambda: (
+                self.errors.read_text(errors="replace").count("Capture started")
+                > started
+            ),
+            "tshark to start capturing",
+            15,
+        )
+
+    def stop(self) -> None:
+        """Stop as on Ctrl-C, which makes tshark flush everything it saw."""
+        time.sleep(0.2)  # let the last datagrams arrive
+        os.kill(self.process.pid, signal.SIGINT)
+        self.process.wait(15)
+
+    def fields(self, *names: str, displayFilter: str = "nat-pmp") -> list[list[str]]:
+        """One row per packet matching C{displayFilter}."""
+        argv = ["tshark", "-r", str(self.path), "-Y", displayFilter, "-T", "fields"]
+        for name in names:
+            argv += ["-e", name]
+        out = subprocess.run(
+            argv, check=True, capture_output=True, text=True, timeout=30
+        ).stdout
+        return [line.split("\t") for line in out.splitlines() if line]

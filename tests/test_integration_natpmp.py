@@ -2,19 +2,16 @@
 NAT-PMP against a real gateway: miniupnpd 2.3.1 in network namespaces
 (L{tests.rig_gateway}), with qbittorrent-nox on the client side.
 
-Our code runs as a subprocess inside the client namespace: the one-shot CLI
-when it supports natpmp, else the small driver at the end of this module
-(C{python -m tests.test_integration_natpmp}), which runs L{NATPMPSource}
-and applies what it delivers with the real qBittorrent client.
+Our code runs as a subprocess inside the client namespace: the one-shot CLI,
+or L{tests.gatewaydriver}, which runs L{NATPMPSource} in daemon mode and
+applies what it delivers with the real qBittorrent client.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,133 +20,19 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from tests.rig import requireTool, waitFor
+from tests.gatewaydriver import Driver
+from tests.rig import requireTool
 from tests.rig_gateway import (
     CLIENT_ADDRESS,
     GATEWAY_ADDRESS,
+    Capture,
     ClientQBittorrent,
     GatewayRig,
     requireGatewayTools,
+    writeConfig,
 )
 
 PROJECT = Path(__file__).resolve().parent.parent
-
-
-def writeConfig(
-    rig: GatewayRig, qbittorrent: ClientQBittorrent, **portmap: object
-) -> Path:
-    """A configuration file for the code under test."""
-    lines = [
-        "[qbittorrent]",
-        f'base_url = "{qbittorrent.baseURL}"',
-        f'username = "{qbittorrent.username}"',
-        f'password = "{qbittorrent.password}"',
-        "[portmap]",
-        f'gateway = "{GATEWAY_ADDRESS}"',
-    ]
-    for key, value in portmap.items():
-        lines.append(f"{key} = {json.dumps(value)}")
-    path = rig.directory / f"config-{len(list(rig.directory.glob('config-*')))}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-class Capture:
-    """tshark on the client's link, for NAT-PMP and PCP ports."""
-
-    def __init__(self, rig: GatewayRig) -> None:
-        self.rig = rig
-        self.path = rig.directory / f"natpmp-{time.monotonic_ns()}.pcapng"
-        self.path.touch()
-        self.errors = rig.directory / "tshark.err"
-        self.errors.touch()
-        started = self.errors.read_text(errors="replace").count("Capture started")
-        with open(self.errors, "ab") as err:
-            self.process = subprocess.Popen(
-                rig.command(
-                    rig.client,
-                    [
-                        "tshark",
-                        "-q",
-                        "-i",
-                        "c0",
-                        "-w",
-                        str(self.path),
-                        "-f",
-                        "udp port 5350 or udp port 5351",
-                    ],
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        rig.adopt(self.process)
-        waitFor(
-            lambda: (
-                self.errors.read_text(errors="replace").count("Capture started")
-                > started
-            ),
-            "tshark to start capturing",
-            15,
-        )
-
-    def stop(self) -> None:
-        """Stop as on Ctrl-C, which makes tshark flush everything it saw."""
-        time.sleep(0.2)  # let the last datagrams arrive
-        os.kill(self.process.pid, signal.SIGINT)
-        self.process.wait(15)
-
-    def fields(self, *names: str, displayFilter: str = "nat-pmp") -> list[list[str]]:
-        """One row per packet matching C{displayFilter}."""
-        argv = ["tshark", "-r", str(self.path), "-Y", displayFilter, "-T", "fields"]
-        for name in names:
-            argv += ["-e", name]
-        out = subprocess.run(
-            argv, check=True, capture_output=True, text=True, timeout=30
-        ).stdout
-        return [line.split("\t") for line in out.splitlines() if line]
-
-
-class Driver:
-    """Our daemon-mode source in the client namespace, as JSON events."""
-
-    def __init__(self, rig: GatewayRig, config: Path, randomValue: str = "") -> None:
-        self.output = rig.directory / f"driver-{time.monotonic_ns()}.jsonl"
-        self.errors = rig.directory / "driver.err"
-        argv = [sys.executable, "-m", "tests.test_integration_natpmp", str(config)]
-        if randomValue:
-            argv.append(randomValue)
-        with open(self.output, "wb") as out, open(self.errors, "ab") as err:
-            self.process = subprocess.Popen(
-                rig.command(rig.client, argv),
-                cwd=PROJECT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-            )
-        rig.adopt(self.process)
-
-    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        text = self.output.read_text(errors="replace")
-        events = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return [e for e in events if kind is None or e["event"] == kind]
-
-    def waitFor(self, kind: str, count: int = 1, timeout: float = 20) -> dict[str, Any]:
-        def seen() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"driver exited: {self.errors.read_text(errors='replace')[-3000:]}"
-                )
-            return len(self.events(kind)) >= count
-
-        waitFor(seen, f"{count} {kind} events", timeout, 0.01)
-        return self.events(kind)[count - 1]
-
-    def stop(self) -> dict[str, Any]:
-        """SIGTERM: the driver stops the source and reports its metrics."""
-        os.kill(self.process.pid, signal.SIGTERM)
-        self.process.wait(15)
-        return self.events("stopped")[-1]
 
 
 class NATPMPIntegrationTests(TestCase):
@@ -164,39 +47,19 @@ class NATPMPIntegrationTests(TestCase):
         self.qbittorrent = ClientQBittorrent(self.rig)
 
     def oneShot(self, config: Path) -> tuple[int, dict[str, Any]]:
-        """The CLI one-shot, or the driver's equivalent until natpmp is wired."""
-        for argv in (
-            [
-                sys.executable,
-                "-m",
-                "qbportsync",
-                "--once",
-                "--strategy",
-                "natpmp",
-                "--json",
-                "--config",
-                str(config),
-            ],
-            [
-                sys.executable,
-                "-m",
-                "tests.test_integration_natpmp",
-                str(config),
-                "--once",
-            ],
-        ):
-            done = subprocess.run(
-                self.rig.command(self.rig.client, argv),
-                check=False,
-                cwd=PROJECT,
-                capture_output=True,
-                text=True,
-                timeout=200,
-            )
-            outcome: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-            if "not available yet" not in outcome.get("note", ""):
-                return done.returncode, outcome
-        raise AssertionError("unreachable")
+        """The CLI's one-shot in the client namespace: exit code and JSON."""
+        argv = [sys.executable, "-m", "qbportsync", "--once", "--json"]
+        argv += ["--strategy", "natpmp", "--config", str(config)]
+        done = subprocess.run(
+            self.rig.command(self.rig.client, argv),
+            check=False,
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
+        outcome: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+        return done.returncode, outcome
 
     def natpmpc(self, *args: str) -> str:
         return self.rig.run(
@@ -256,7 +119,7 @@ class NATPMPIntegrationTests(TestCase):
         """
         capture = Capture(self.rig)
         driver = Driver(
-            self.rig, writeConfig(self.rig, self.qbittorrent, lifetime_secs=4)
+            self.rig, "natpmp", writeConfig(self.rig, self.qbittorrent, lifetime_secs=4)
         )
         rounds = 5
         driver.waitFor("forwarded", rounds, timeout=20)
@@ -299,7 +162,9 @@ class NATPMPIntegrationTests(TestCase):
         Restart miniupnpd under a running daemon; seconds from the restart
         to remapped and to re-applied, and the random wait drawn.
         """
-        driver = Driver(self.rig, writeConfig(self.rig, self.qbittorrent), randomValue)
+        driver = Driver(
+            self.rig, "natpmp", writeConfig(self.rig, self.qbittorrent), randomValue
+        )
         driver.waitFor("applied")
         time.sleep(3)  # an epoch old enough for a restart to show
         self.assertIn("6881 dnat", self.rig.rules())
@@ -345,7 +210,10 @@ class NATPMPIntegrationTests(TestCase):
     def test_announcement(self) -> None:
         """SIGUSR1: both announcements are heard; mappings are renewed."""
         driver = Driver(
-            self.rig, writeConfig(self.rig, self.qbittorrent), randomValue="0.1"
+            self.rig,
+            "natpmp",
+            writeConfig(self.rig, self.qbittorrent),
+            randomValue="0.1",
         )
         driver.waitFor("applied")
         time.sleep(3)
@@ -385,6 +253,7 @@ class NATPMPIntegrationTests(TestCase):
         self.natpmpc("-a", "9000", "9000", "tcp", "60")
         driver = Driver(
             self.rig,
+            "natpmp",
             writeConfig(self.rig, self.qbittorrent, release_on_exit=True),
         )
         driver.waitFor("applied")
@@ -393,87 +262,3 @@ class NATPMPIntegrationTests(TestCase):
         rules = self.rig.rules()
         self.assertNotIn("dport 6881", rules)
         self.assertIn("dport 9000", rules)
-
-
-def _drive(argv: list[str]) -> None:
-    """
-    Run inside the client namespace: C{CONFIG [--once | RANDOM]}.  Prints
-    one JSON object per line.
-    """
-    import random
-
-    from twisted.internet.defer import Deferred
-    from twisted.internet.task import react
-    from twisted.logger import formatEvent, globalLogBeginner
-
-    from qbportsync.cli import applyOnce
-    from qbportsync.config import loadConfig
-    from qbportsync.interfaces import Forwarded
-    from qbportsync.metrics import Metrics
-    from qbportsync.sources.natpmp import NATPMPSource
-    from qbportsync.tap import makeSink
-
-    def emit(event: str, **fields: object) -> None:
-        print(
-            json.dumps({"event": event, "mono": time.monotonic(), **fields}), flush=True
-        )
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace", "").startswith("qbportsync."):
-            emit("log", text=formatEvent(event), level=event["log_level"].name)
-
-    async def main(reactor: Any) -> None:
-        config = loadConfig(argv[0], os.environ)
-        sink = makeSink(reactor, config)
-        metrics = Metrics.create()
-        fixed = float(argv[1]) if argv[1:2] not in ([], ["--once"]) else None
-        drawn: list[float] = []
-
-        def rnd() -> float:
-            drawn.append(random.random() if fixed is None else fixed)
-            return drawn[-1]
-
-        source = NATPMPSource(reactor, config, metrics, sink.listenPort, random=rnd)
-        if argv[1:] == ["--once"]:
-            outcome = await applyOnce(source, sink, "")
-            print(outcome.asJSON(), flush=True)
-            return
-
-        def deliver(forwarded: Forwarded) -> None:
-            emit("forwarded", port=forwarded.port, expires=forwarded.expires)
-            d = sink.apply(forwarded.port, "")
-            d.addCallback(lambda r: emit("applied", port=r.port, verified=r.verified))
-            d.addErrback(lambda f: emit("apply-failed", error=f.getErrorMessage()))
-
-        async def finish() -> None:
-            await source.stop()
-            registry = metrics.registry
-            dropped = sum(
-                s.value
-                for m in registry.collect()
-                if m.name == "qb_port_sync_datagrams_dropped"
-                for s in m.samples
-                if s.name.endswith("_total")
-            )
-            emit(
-                "stopped",
-                dropped=dropped,
-                epoch_resets=registry.get_sample_value(
-                    "qb_port_sync_gateway_epoch_resets_total"
-                ),
-                random=drawn[0] if drawn else None,
-            )
-
-        # SIGTERM stops the reactor; stopping the source runs first.
-        reactor.addSystemEventTrigger(
-            "before", "shutdown", lambda: Deferred.fromCoroutine(finish())
-        )
-        source.start(deliver)
-        await Deferred()
-
-    globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
-    react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
-
-
-if __name__ == "__main__":
-    _drive(sys.argv[1:])

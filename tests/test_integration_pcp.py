@@ -5,18 +5,15 @@ one case miniupnpd cannot play, a NAT-PMP-only test double on the client
 namespace's loopback.
 
 Our code runs as a subprocess in the client namespace: the one-shot CLI, or
-the daemon-mode driver at the end of this module (C{python -m
-tests.test_integration_pcp CONFIG RANDOM}), which runs L{PCPSource}.  The
-same module run with C{--double MODE} is the NAT-PMP-only gateway.
+L{tests.gatewaydriver}, which runs L{PCPSource} in daemon mode.  This module
+run with C{--double MODE} is the NAT-PMP-only gateway.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -27,57 +24,20 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from tests.gatewaydriver import Driver
 from tests.rig import requireTool, waitFor
 from tests.rig_gateway import (
     CLIENT_ADDRESS,
     GATEWAY_ADDRESS,
+    Capture,
     ClientQBittorrent,
     GatewayRig,
     requireGatewayTools,
+    writeConfig,
 )
-from tests.test_integration_natpmp import Capture, writeConfig
 
 PROJECT = Path(__file__).resolve().parent.parent
 PCP_REQUESTS = f"portcontrol && ip.src == {CLIENT_ADDRESS}"
-
-
-class Driver:
-    """Our daemon-mode PCP source in the client namespace, as JSON events."""
-
-    def __init__(self, rig: GatewayRig, config: Path, randomValue: str) -> None:
-        self.output = rig.directory / f"pcp-driver-{time.monotonic_ns()}.jsonl"
-        self.errors = rig.directory / "pcp-driver.err"
-        argv = [sys.executable, "-m", "tests.test_integration_pcp", str(config)]
-        with open(self.output, "wb") as out, open(self.errors, "ab") as err:
-            self.process = subprocess.Popen(
-                rig.command(rig.client, [*argv, randomValue]),
-                cwd=PROJECT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-            )
-        rig.adopt(self.process)
-
-    def events(self, kind: str) -> list[dict[str, Any]]:
-        text = self.output.read_text(errors="replace")
-        events = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return [e for e in events if e["event"] == kind]
-
-    def waitFor(self, kind: str, count: int = 1, timeout: float = 20) -> dict[str, Any]:
-        def seen() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"driver exited: {self.errors.read_text(errors='replace')[-3000:]}"
-                )
-            return len(self.events(kind)) >= count
-
-        waitFor(seen, f"{count} {kind} events", timeout, 0.01)
-        return self.events(kind)[count - 1]
-
-    def stop(self) -> dict[str, Any]:
-        os.kill(self.process.pid, signal.SIGTERM)
-        self.process.wait(15)
-        return self.events("stopped")[-1]
 
 
 class PCPIntegrationTests(TestCase):
@@ -186,7 +146,7 @@ class PCPIntegrationTests(TestCase):
         """
         self.makeRig(minLifetime=4)
         capture = Capture(self.rig)
-        driver = Driver(self.rig, self.config(lifetime_secs=4), "0.5")
+        driver = Driver(self.rig, "pcp", self.config(lifetime_secs=4), "0.5")
         driver.waitFor("forwarded", 4, timeout=15)
         times = [e["mono"] for e in driver.events("forwarded")]
         gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -307,64 +267,5 @@ def _double(mode: str) -> None:
                 )
 
 
-def _drive(argv: list[str]) -> None:
-    """Run inside the client namespace: C{CONFIG RANDOM}; JSON events out."""
-    from twisted.internet.defer import Deferred
-    from twisted.internet.task import react
-
-    from qbportsync.config import loadConfig
-    from qbportsync.interfaces import Forwarded
-    from qbportsync.metrics import Metrics
-    from qbportsync.sources.pcp import PCPSource
-    from qbportsync.tap import makeSink
-
-    def emit(event: str, **fields: object) -> None:
-        print(
-            json.dumps({"event": event, "mono": time.monotonic(), **fields}), flush=True
-        )
-
-    async def main(reactor: Any) -> None:
-        config = loadConfig(argv[0], os.environ)
-        sink = makeSink(reactor, config)
-        metrics = Metrics.create()
-        fixed = float(argv[1])
-        source = PCPSource(
-            reactor, config, metrics, sink.listenPort, random=lambda: fixed
-        )
-
-        def deliver(forwarded: Forwarded) -> None:
-            emit("forwarded", port=forwarded.port, source=forwarded.source)
-            sink.apply(forwarded.port, "").addErrback(lambda f: None)
-
-        async def finish() -> None:
-            await source.stop()
-            registry = metrics.registry
-            dropped = sum(
-                s.value
-                for m in registry.collect()
-                if m.name == "qb_port_sync_datagrams_dropped"
-                for s in m.samples
-                if s.name.endswith("_total")
-            )
-            emit(
-                "stopped",
-                dropped=dropped,
-                epoch_resets=registry.get_sample_value(
-                    "qb_port_sync_gateway_epoch_resets_total"
-                ),
-            )
-
-        reactor.addSystemEventTrigger(
-            "before", "shutdown", lambda: Deferred.fromCoroutine(finish())
-        )
-        source.start(deliver)
-        await Deferred()
-
-    react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "--double":
-        _double(sys.argv[2])
-    else:
-        _drive(sys.argv[1:])
+    _double(sys.argv[2])
