@@ -14,19 +14,21 @@ from qbportsync.sources.natpmp import (
     ExternalAddressResponse,
     MapRequest,
     MapResponse,
-    ParseError,
     Request,
     Response,
     ResultCode,
-    UnknownResult,
     UnsupportedVersion,
-    WrongLength,
-    WrongOpcode,
-    WrongVersion,
     decodeRequest,
     decodeResponse,
     encodeRequest,
     encodeResponse,
+)
+from qbportsync.sources.udpclient import (
+    ParseError,
+    UnknownResult,
+    WrongLength,
+    WrongOpcode,
+    WrongVersion,
 )
 
 u16 = st.integers(0, 0xFFFF)

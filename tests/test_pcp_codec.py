@@ -19,17 +19,12 @@ from qbportsync.sources.pcp import (
     MalformedOption,
     MapRequest,
     MapResponse,
-    ParseError,
     Request,
     Response,
     ResultCode,
     UnknownProtocol,
-    UnknownResult,
     UnsupportedVersion,
     WrongDirection,
-    WrongLength,
-    WrongOpcode,
-    WrongVersion,
     decodeRequest,
     decodeResponse,
     encodeRequest,
@@ -39,6 +34,13 @@ from qbportsync.sources.pcp import (
     renewalPoint,
     renewalWaits,
     retransmissions,
+)
+from qbportsync.sources.udpclient import (
+    ParseError,
+    UnknownResult,
+    WrongLength,
+    WrongOpcode,
+    WrongVersion,
 )
 
 NONCE = bytes(range(1, 13))

@@ -35,7 +35,11 @@ from qbportsync.sources.mapping import (
 )
 from qbportsync.sources.udpclient import (
     GatewayClient,
+    UnknownResult,
+    WrongLength,
+    WrongOpcode,
     WrongProtocol,
+    WrongVersion,
     closePort,
 )
 
@@ -66,33 +70,6 @@ class ResultCode(IntEnum):
     NETWORK_FAILURE = 3
     OUT_OF_RESOURCES = 4
     UNSUPPORTED_OPCODE = 5
-
-
-class ParseError(udpclient.ParseError):
-    """A datagram that is not a well-formed NAT-PMP message."""
-
-
-class WrongLength(ParseError):
-    reason = "length"
-
-
-class WrongVersion(ParseError):
-    reason = "version"
-
-
-class WrongOpcode(ParseError):
-    reason = "opcode"
-
-
-class UnknownResult(ParseError):
-    """A result code RFC 6886 does not define: fatal for the request it answers."""
-
-    reason = "result"
-
-    def __init__(self, opcode: int, result: int) -> None:
-        super().__init__(f"unknown result code {result} for opcode {opcode}")
-        self.opcode = opcode
-        self.result = result
 
 
 def _protocolOpcode(protocol: Transport) -> Opcode:

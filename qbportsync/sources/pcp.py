@@ -36,7 +36,12 @@ from qbportsync.sources.natpmp import NATPMP
 from qbportsync.sources.udpclient import (
     GatewayClient,
     GatewayRefusal,
+    ParseError,
+    UnknownResult,
+    WrongLength,
+    WrongOpcode,
     WrongProtocol,
+    WrongVersion,
     closePort,
 )
 
@@ -92,28 +97,10 @@ class ResultCode(IntEnum):
     EXCESSIVE_REMOTE_PEERS = 13
 
 
-class ParseError(udpclient.ParseError):
-    """A datagram that is not a well-formed PCP message."""
-
-
-class WrongLength(ParseError):
-    """Shorter than the header, longer than 1100 bytes, or not a multiple of 4."""
-
-    reason = "length"
-
-
-class WrongVersion(ParseError):
-    reason = "version"
-
-
 class WrongDirection(ParseError):
     """A request where a response belongs (the R bit), or the reverse."""
 
     reason = "direction"
-
-
-class WrongOpcode(ParseError):
-    reason = "opcode"
 
 
 class UnknownProtocol(ParseError):
@@ -124,17 +111,6 @@ class UnknownProtocol(ParseError):
 
 class MalformedOption(ParseError):
     reason = "option"
-
-
-class UnknownResult(ParseError):
-    """A result code RFC 6887 does not define: fatal for the request it answers."""
-
-    reason = "result"
-
-    def __init__(self, opcode: int, result: int) -> None:
-        super().__init__(f"unknown result code {result} for opcode {opcode}")
-        self.opcode = opcode
-        self.result = result
 
 
 @frozen

@@ -38,6 +38,31 @@ class ParseError(Exception):
     """Label for the datagrams_dropped metric."""
 
 
+class WrongLength(ParseError):
+    """Not a length the protocol allows for this message."""
+
+    reason = "length"
+
+
+class WrongVersion(ParseError):
+    reason = "version"
+
+
+class WrongOpcode(ParseError):
+    reason = "opcode"
+
+
+class UnknownResult(ParseError):
+    """A result code the RFC does not define: fatal for the request it answers."""
+
+    reason = "result"
+
+    def __init__(self, opcode: int, result: int) -> None:
+        super().__init__(f"unknown result code {result} for opcode {opcode}")
+        self.opcode = opcode
+        self.result = result
+
+
 class GatewayTimeout(SourceUnavailable):
     """The gateway never answered (nothing speaks this protocol there)."""
 
