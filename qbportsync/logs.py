@@ -52,9 +52,12 @@ _LEGACY = frozenset(
 _OURS = frozenset({"MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "TWISTED_NAMESPACE"})
 _FIELD_MAX = 64
 
-QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
-"""Loggers whose info lines (a "Starting factory" per HTTP request) only
-show at debug level."""
+QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory", "log_legacy")
+"""
+Loggers whose info lines only show at debug level: a "Starting factory" per
+HTTP request, and Twisted's old-style lines for every port and protocol
+started or stopped.  Their warnings and errors still show.
+"""
 
 
 def isSecretField(name: str) -> bool:

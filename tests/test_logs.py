@@ -9,7 +9,8 @@ import socket
 import struct
 import tempfile
 
-from twisted.logger import LogEvent, Logger, LogLevel
+from twisted.logger import LogEvent, Logger, LogLevel, globalLogPublisher
+from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -109,14 +110,30 @@ class TextTests(SynchronousTestCase):
         self.assertIn("worrying", stream.getvalue())
 
     def test_quietNamespaces(self) -> None:
-        """treq's per-request "Starting factory" lines show only at debug."""
-        for level, shown in [(LogLevel.info, False), (LogLevel.debug, True)]:
-            stream = io.StringIO()
-            observer = makeLogObserver(stream, level, journald=False)
-            Logger(namespace=QUIET_NAMESPACES[0], observer=observer).info("factory")
-            Logger(namespace=QUIET_NAMESPACES[0], observer=observer).warn("trouble")
-            self.assertEqual("factory" in stream.getvalue(), shown, level)
-            self.assertIn("trouble", stream.getvalue())
+        """
+        treq's per-request "Starting factory" lines and Twisted's old-style
+        port and protocol lines show only at debug; their warnings always.
+        """
+        for namespace in ("twisted.web.client._HTTP11ClientFactory", "log_legacy"):
+            self.assertIn(namespace, QUIET_NAMESPACES)
+            for level, shown in [(LogLevel.info, False), (LogLevel.debug, True)]:
+                stream = io.StringIO()
+                observer = makeLogObserver(stream, level, journald=False)
+                Logger(namespace=namespace, observer=observer).info("routine")
+                Logger(namespace=namespace, observer=observer).warn("trouble")
+                self.assertEqual("routine" in stream.getvalue(), shown, level)
+                self.assertIn("trouble", stream.getvalue())
+
+    def test_legacyPortLines(self) -> None:
+        """A real old-style "... starting on PORT" line is hidden at info."""
+        stream = io.StringIO()
+        observer = makeLogObserver(stream, LogLevel.info, journald=False)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        legacy_log.msg("UDP starting on 5350")
+        legacy_log.msg("it broke badly", isError=True)
+        self.assertNotIn("starting on", stream.getvalue())
+        self.assertIn("it broke badly", stream.getvalue())
 
     def test_noSecrets(self) -> None:
         """Password, API key, cookie and Authorization never reach the text."""

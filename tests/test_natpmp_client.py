@@ -8,6 +8,7 @@ from collections.abc import Callable
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -552,6 +553,27 @@ class DaemonTests(SourceTestCase):
             self.assertEqual(len(self.gateway.pending()), 2, f"period {period}")
         self.assertEqual([f.port for f in self.delivered], [6881] * 5)
         self.assertEqual(self.delivered[-1].expires, 120.0 + 60)
+
+    def test_quietRenewals(self) -> None:
+        """A grant is logged at info when new, at debug when a renewal repeats it."""
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.started()
+        self.mapBoth(6881)
+        self.reactor.advance(30)
+        self.mapBoth()
+        self.reactor.advance(30)
+        self.mapBoth(40000)
+        grants = [
+            (e["port"], e["log_level"])
+            for e in events
+            if e.get("log_format", "").startswith("The gateway forwards port")
+        ]
+        self.assertEqual(
+            grants,
+            [(6881, LogLevel.info), (6881, LogLevel.debug), (40000, LogLevel.info)],
+        )
 
     def test_renewalSuggestsGrant(self) -> None:
         """Renewals suggest the port last granted, not the internal port."""

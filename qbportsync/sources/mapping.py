@@ -20,7 +20,7 @@ from twisted.internet.interfaces import (
     IReactorMulticast,
     IReactorTime,
 )
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from qbportsync.config import Config
@@ -140,6 +140,7 @@ class GatewaySource:
         self._random = random
         self._internalPort: int | None = None
         self._granted: dict[Transport, int] = {}
+        self._lastPort: int | None = None
         self._epochs = EpochTracker(self._isEpochReset)
         self._externalAddress: str | None = None
         self._session: Session | None = None
@@ -332,8 +333,12 @@ class GatewaySource:
         return Forwarded(mapped.port, self.name, note=note, expires=expires)
 
     def _mapped(self, mapped: MappedPort) -> None:
-        _log.info(
-            "gateway forwards port {port} for {lifetime}s ({protocol})",
+        # A renewal that changes nothing is routine: say it only when asked.
+        level = LogLevel.info if mapped.port != self._lastPort else LogLevel.debug
+        self._lastPort = mapped.port
+        _log.emit(
+            level,
+            "The gateway forwards port {port} for {lifetime} s ({protocol})",
             port=mapped.port,
             lifetime=mapped.lifetime,
             protocol=self.name,
