@@ -15,7 +15,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from qbportsync.interfaces import ApplyResult, Forwarded, IPortSink, IPortSource
@@ -77,6 +77,7 @@ class PortSync(Service):
         self._failures = 0
         self._gaveUp = False
         """qBittorrent refused our login too often: only a restart helps."""
+        self._checkFailing = False
         self._firstAttempt: list[Deferred[None]] | None = []
         self._verifier = LoopingCall(self._verify)
         self._verifier.clock = reactor
@@ -258,24 +259,37 @@ class PortSync(Service):
     def _checked(self, port: int) -> None:
         self._metrics.qbittorrent_up.set(1)
         self._metrics.current_port.set(port)
-        if port != self._settled:
-            _log.warn(
-                "qBittorrent listens on {actual} instead of {port} (restarted, or"
-                " changed by someone): setting it back",
-                actual=port,
-                port=self._settled,
-            )
-            self._settled = None
-            self._setStatus(verified=False)
-            self._update()
+        if self._checkFailing:
+            self._checkFailing = False
+            _log.info("qBittorrent answers again")
+        if port == self._settled:
+            if self._status.last_attempt_failed:
+                self._setStatus(verified=True, last_attempt_failed=False)
+            return
+        _log.warn(
+            "qBittorrent listens on {actual} instead of {port} (restarted, or"
+            " changed by someone): setting it back",
+            actual=port,
+            port=self._settled,
+        )
+        self._settled = None
+        self._setStatus(verified=False)
+        self._update()
 
     def _uncheckable(self, failure: Failure) -> None:
         # Only our own timeouts and HTTP failures end here; the next check
         # or the next port tries again.
         self._metrics.qbittorrent_up.set(0)
         self._recordError(failure.getErrorMessage(), "qbittorrent")
-        _log.warn(
-            "Could not check qBittorrent's port: {why}", why=failure.getErrorMessage()
+        # Said once per outage, not at every check: it may last for days.
+        level = LogLevel.debug if self._checkFailing else LogLevel.warn
+        self._checkFailing = True
+        _log.emit(
+            level,
+            "Could not check qBittorrent's port: {why}; checking again every "
+            "{interval:.0f} s",
+            why=failure.getErrorMessage(),
+            interval=self._verifyInterval,
         )
 
     def _setStatus(self, **changes: Any) -> None:

@@ -7,13 +7,14 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from qbportsync.interfaces import IPortSink, IPortSource
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import LoginRefused, QBittorrentError
-from qbportsync.status import SyncStatus
+from qbportsync.status import SyncStatus, isHealthy
 from qbportsync.sync import MAX_RETRY_SECS, PortSync, retryDelay
 
 from .fakes import FakeSink, FakeSource
@@ -246,6 +247,31 @@ class DriftTests(SyncTestsMixin, SynchronousTestCase):
         self.assertEqual(sample(self.metrics, "qb_port_sync_qbittorrent_up"), 0)
         self.clock.advance(30)
         self.assertEqual(len(self.sink.checks), 2)
+
+    def test_outageLoggedOnceAndHealed(self) -> None:
+        """
+        An unreachable qBittorrent is warned about once per outage; when it
+        answers again with our port, the status is healthy again.
+        """
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.settle()
+        for _ in range(3):
+            self.clock.advance(30)
+            self.sink.checks[-1].errback(QBittorrentError("connection refused"))
+        self.assertTrue(self.sync.status.last_attempt_failed)
+        self.clock.advance(30)
+        self.sink.checks[-1].callback(40000)
+        self.assertFalse(self.sync.status.last_attempt_failed)
+        self.assertTrue(isHealthy(self.sync.status, self.clock.seconds()))
+        warnings = [
+            e
+            for e in events
+            if e["log_level"] == LogLevel.warn and "check" in e["log_format"]
+        ]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("answers again", [e["log_format"] for e in events][-1])
 
     def test_noCheckBeforeFirstPort(self) -> None:
         """Nothing is checked while no port is known."""
