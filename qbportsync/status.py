@@ -7,7 +7,10 @@ from datetime import UTC, datetime
 from attrs import frozen
 
 LEASE_MARGIN_SECS = 10.0
-"""A lease this close to expiry and not yet renewed makes the daemon unhealthy."""
+"""
+A lease this close to expiry and not yet renewed makes the daemon unhealthy;
+a quarter of the lease when that is shorter, since renewals come at half.
+"""
 
 
 @frozen
@@ -25,6 +28,8 @@ class SyncStatus:
     last_error_at: float | None = None
     lease_expires: float | None = None
     """POSIX time the gateway's lease ends; None for a port file."""
+    lease_lifetime: float | None = None
+    """Seconds the gateway granted the lease for; None for a port file."""
     last_attempt_failed: bool = False
 
 
@@ -36,11 +41,12 @@ def unhealthyReason(status: SyncStatus, now: float) -> str | None:
         return "qBittorrent's port was not verified"
     if status.last_attempt_failed:
         return "the last attempt failed"
-    if (
-        status.lease_expires is not None
-        and status.lease_expires - now < LEASE_MARGIN_SECS
-    ):
-        return "the gateway lease is about to expire unrenewed"
+    if status.lease_expires is not None:
+        margin = LEASE_MARGIN_SECS
+        if status.lease_lifetime is not None:
+            margin = min(margin, status.lease_lifetime / 4)
+        if status.lease_expires - now < margin:
+            return "the gateway lease is about to expire unrenewed"
     return None
 
 

@@ -119,7 +119,14 @@ class PortSync(Service):
 
     def portSeen(self, forwarded: Forwarded) -> None:
         """The source reports a port: apply it unless qBittorrent has it."""
-        self._setStatus(source_port=forwarded.port, lease_expires=forwarded.expires)
+        lifetime = None
+        if forwarded.expires is not None:
+            lifetime = forwarded.expires - self._reactor.seconds()
+        self._setStatus(
+            source_port=forwarded.port,
+            lease_expires=forwarded.expires,
+            lease_lifetime=lifetime,
+        )
         if forwarded.expires is not None:
             self._metrics.lease_expiry.set(forwarded.expires)
         if forwarded.port != self._wanted:

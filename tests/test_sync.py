@@ -112,8 +112,10 @@ class ApplyTests(SyncTestsMixin, SynchronousTestCase):
 
     def test_leaseExpiryRecorded(self) -> None:
         """A lease's end time reaches the status and the metric."""
+        self.clock.advance(100)
         self.source.emit(40000, expires=160.0)
         self.assertEqual(self.sync.status.lease_expires, 160.0)
+        self.assertEqual(self.sync.status.lease_lifetime, 60.0)
         self.assertEqual(
             sample(self.metrics, "qb_port_sync_lease_expiry_timestamp_seconds"), 160
         )

@@ -100,6 +100,14 @@ class HealthTests(SynchronousTestCase):
         code, body, _ = self._get(_stub(_Holder(EXPIRING)))
         self.assertEqual((code, body), (503, b"Unhealthy"))
 
+    def test_shortLeaseMargin(self) -> None:
+        """For a lease shorter than 40 s the margin is a quarter of it."""
+        short = evolve(GOOD, lease_lifetime=6.0)
+        renewed = self._get(_stub(_Holder(evolve(short, lease_expires=NOW + 4))))
+        self.assertEqual(renewed[0], 200)
+        late = self._get(_stub(_Holder(evolve(short, lease_expires=NOW + 1))))
+        self.assertEqual(late[0], 503)
+
     def test_unverified(self) -> None:
         """An update whose read-back did not match is not healthy."""
         code, _, _ = self._get(_stub(_Holder(evolve(GOOD, verified=False))))
