@@ -312,7 +312,7 @@ def _pbkdf2Entry(password: str) -> str:
     return f"@ByteArray({b64(salt).decode()}:{b64(key).decode()})"
 
 
-def _profile(
+def writeProfile(
     *,
     address: str,
     webuiPort: int,
@@ -446,7 +446,7 @@ class QBittorrentRig:
             config = self.directory / "qBittorrent" / "config"
             config.mkdir(parents=True)
             (config / "qBittorrent.conf").write_text(
-                _profile(
+                writeProfile(
                     address=self.namespace.address,
                     webuiPort=webuiPort,
                     listenPort=listenPort,

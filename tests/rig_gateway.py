@@ -24,11 +24,11 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.rig import (
-    _profile,
     requireRoot,
     requireTool,
     stopProcess,
     waitFor,
+    writeProfile,
 )
 
 CLIENT_ADDRESS = "198.51.100.2"
@@ -296,7 +296,7 @@ class ClientQBittorrent:
         config = self.directory / "qBittorrent" / "config"
         config.mkdir(parents=True)
         (config / "qBittorrent.conf").write_text(
-            _profile(
+            writeProfile(
                 address="127.0.0.1",
                 webuiPort=webuiPort,
                 listenPort=listenPort,
