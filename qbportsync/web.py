@@ -58,11 +58,8 @@ class MetricsResource(Resource):
         return self._metrics.exposition()
 
 
-class HealthResource(Resource):
-    """
-    200 C{OK} while healthy, 503 C{Unhealthy} otherwise; the /status document
-    instead when the client accepts JSON.
-    """
+class _StatusReader(Resource):
+    """A leaf that answers from the daemon's status as of the clock's now."""
 
     isLeaf = True
 
@@ -70,6 +67,13 @@ class HealthResource(Resource):
         super().__init__()  # type: ignore[no-untyped-call]
         self._getStatus = getStatus
         self._clock = clock
+
+
+class HealthResource(_StatusReader):
+    """
+    200 C{OK} while healthy, 503 C{Unhealthy} otherwise; the /status document
+    instead when the client accepts JSON.
+    """
 
     def render_GET(self, request: Request) -> bytes:
         status = self._getStatus()
@@ -83,15 +87,8 @@ class HealthResource(Resource):
         return b"OK" if healthy else b"Unhealthy"
 
 
-class StatusResource(Resource):
+class StatusResource(_StatusReader):
     """What the daemon knows, as JSON, always 200."""
-
-    isLeaf = True
-
-    def __init__(self, getStatus: GetStatus, clock: IReactorTime) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._getStatus = getStatus
-        self._clock = clock
 
     def render_GET(self, request: Request) -> bytes:
         _noStore(request, _JSON)

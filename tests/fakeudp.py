@@ -1,9 +1,12 @@
 """
 A reactor for UDP unit tests: a L{Clock} that also binds (fake) UDP and
-multicast ports, in the manner of twisted.names' own test reactor.
+multicast ports, in the manner of twisted.names' own test reactor; and the
+gateway's end of it, which the NAT-PMP and PCP tests script.
 """
 
 from __future__ import annotations
+
+from typing import Generic, TypeVar
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
@@ -18,6 +21,13 @@ from twisted.internet.protocol import AbstractDatagramProtocol, DatagramProtocol
 from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyClass
+
+from qbportsync.metrics import Metrics
+
+GATEWAY = "198.51.100.1"
+SERVER = (GATEWAY, 5351)
+
+RequestT = TypeVar("RequestT")
 
 
 @implementer(IUDPTransport, IMulticastTransport, IListeningPort)
@@ -136,6 +146,66 @@ class MemoryUDPReactor(Clock):
     def open(self) -> list[FakeUDPTransport]:
         """The ports still listening."""
         return [p for p in self.udpPorts if p.listening]
+
+
+class ScriptedGateway(Generic[RequestT]):
+    """
+    The gateway at L{SERVER}, played by the test: it reads what the source
+    sent on its connected socket and answers with datagrams of its choice.
+    A protocol's subclass names its request decoder and the request type.
+    """
+
+    kind: type[RequestT]
+    """The requests the source is expected to send."""
+
+    def __init__(self, reactor: MemoryUDPReactor) -> None:
+        self.reactor = reactor
+        self.epoch = 1000
+        self.started = 0.0
+
+    def decode(self, data: bytes) -> object:
+        """The protocol's request decoder."""
+        raise NotImplementedError
+
+    def now(self) -> int:
+        """The gateway's epoch time now."""
+        return self.epoch + int(self.reactor.seconds() - self.started)
+
+    @property
+    def socket(self) -> FakeUDPTransport:
+        return next(p for p in self.reactor.open() if p.connectedTo == SERVER)
+
+    def requests(self) -> list[RequestT]:
+        """Every request sent on the current socket since the last call."""
+        out = [self._request(data) for data, _ in self.socket.written]
+        self.socket.written.clear()
+        return out
+
+    def last(self) -> RequestT:
+        """The newest request sent on the current socket."""
+        return self._request(self.lastSent())
+
+    def lastSent(self) -> bytes:
+        """The newest datagram sent on the current socket, undecoded."""
+        data: bytes = self.socket.written[-1][0]
+        return data
+
+    def send(self, data: bytes) -> None:
+        """A datagram from the gateway to the source."""
+        self.socket.protocol.datagramReceived(data, SERVER)
+
+    def _request(self, data: bytes) -> RequestT:
+        request = self.decode(data)
+        assert isinstance(request, self.kind), request
+        return request
+
+
+def dropped(metrics: Metrics, reason: str) -> float:
+    """How many datagrams were dropped for C{reason}."""
+    value = metrics.registry.get_sample_value(
+        "qb_port_sync_datagrams_dropped_total", {"reason": reason}
+    )
+    return value or 0.0
 
 
 verifyClass(IUDPTransport, FakeUDPTransport)

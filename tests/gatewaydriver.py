@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.rig import waitFor
-from tests.rig_gateway import GatewayRig
-
-PROJECT = Path(__file__).resolve().parent.parent
+from tests.rig_gateway import PROJECT, GatewayRig
 
 
 class Driver:

@@ -41,7 +41,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 REQUIRE_ENV = "QBPORTSYNC_REQUIRE_INTEGRATION"
 
@@ -364,6 +364,36 @@ WebUI\\BanDuration={banDuration}
 """
 
 
+def startQBittorrent(
+    command: Callable[[list[str]], list[str]], directory: Path, webuiPort: int
+) -> subprocess.Popen[bytes]:
+    """
+    Start qbittorrent-nox on the profile in C{directory}, with a home of its
+    own there, through C{command} (which runs it inside a namespace); its
+    output goes to C{directory}/qbittorrent-nox.out.
+    """
+    home = directory / "home"
+    home.mkdir(exist_ok=True)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "LANG": "C.UTF-8",
+    }
+    argv = ["qbittorrent-nox", f"--profile={directory}", f"--webui-port={webuiPort}"]
+    with open(directory / "qbittorrent-nox.out", "ab") as output:
+        # stdin not a tty: qbittorrent-nox then skips its legal-notice prompt.
+        return subprocess.Popen(
+            command(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
 class _SourceBoundHandler(urllib.request.HTTPHandler):
     def __init__(self, sourceAddress: str) -> None:
         super().__init__()
@@ -409,7 +439,33 @@ class WebSession:
         )
 
 
-class QBittorrentRig:
+class Rig:
+    """
+    Something a test builds and must tear down: whatever is pushed on
+    C{self._cleanup} is undone, last first, by L{close} or on leaving a
+    C{with} block, even after a failure half-way through building it.
+    """
+
+    def __init__(self) -> None:
+        self._cleanup = contextlib.ExitStack()
+
+    def close(self) -> None:
+        """Undo everything, last first."""
+        self._cleanup.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        excType: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class QBittorrentRig(Rig):
     """
     A throwaway qbittorrent-nox in its own network namespace, with a known
     random password and every outbound feature off.  Use as a context manager
@@ -433,7 +489,7 @@ class QBittorrentRig:
         self.password = secrets.token_urlsafe(18)
         self.startTimeout = startTimeout
         self.process: subprocess.Popen[bytes] | None = None
-        self._cleanup = contextlib.ExitStack()
+        super().__init__()
         try:
             self.directory = Path(
                 self._cleanup.enter_context(
@@ -481,32 +537,9 @@ class QBittorrentRig:
     def start(self) -> float:
         """Start qbittorrent-nox; return seconds until its Web UI answered."""
         assert self.process is None or self.process.poll() is not None
-        home = self.directory / "home"
-        home.mkdir(exist_ok=True)
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / ".config"),
-            "XDG_DATA_HOME": str(home / ".local" / "share"),
-            "XDG_CACHE_HOME": str(home / ".cache"),
-            "LANG": "C.UTF-8",
-        }
-        with open(self.directory / "qbittorrent-nox.out", "ab") as output:
-            # stdin not a tty: qbittorrent-nox then skips its legal-notice prompt.
-            self.process = subprocess.Popen(
-                self.namespace.command(
-                    [
-                        "qbittorrent-nox",
-                        f"--profile={self.directory}",
-                        f"--webui-port={self.webuiPort}",
-                    ]
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        process = self.process
+        self.process = process = startQBittorrent(
+            self.namespace.command, self.directory, self.webuiPort
+        )
         # A fresh session: qBittorrent forgets every SID when it restarts.
         self.admin = WebSession(self.baseURL, self.namespace.adminAddress)
 
@@ -615,21 +648,6 @@ class QBittorrentRig:
     def isBanned(self, sourceAddress: str) -> bool:
         """Whether qBittorrent refuses even a right login from C{sourceAddress}."""
         return self.loginStatus(sourceAddress)[0] == 403
-
-    def close(self) -> None:
-        """Stop qBittorrent, delete the namespace and the profile directory."""
-        self._cleanup.close()
-
-    def __enter__(self) -> QBittorrentRig:
-        return self
-
-    def __exit__(
-        self,
-        excType: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<QBittorrentRig {self.baseURL} in {self.namespace.name}>"

@@ -18,19 +18,23 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
+from typing import Any
 
 from tests.rig import (
+    Rig,
     requireRoot,
     requireTool,
+    startQBittorrent,
     stopProcess,
     waitFor,
     writeProfile,
 )
 
+PROJECT = Path(__file__).resolve().parent.parent
 CLIENT_ADDRESS = "198.51.100.2"
 GATEWAY_ADDRESS = "198.51.100.1"
 GATEWAY_EXTERNAL = "203.0.113.5"
@@ -95,7 +99,7 @@ deny 0-65535 0.0.0.0/0 0-65535
 """
 
 
-class GatewayRig:
+class GatewayRig(Rig):
     """
     Three namespaces, stund and miniupnpd.  Use as a context manager or call
     L{close}: every process is stopped by PID, namespaces deleted.
@@ -110,7 +114,7 @@ class GatewayRig:
         self.miniupnpd: subprocess.Popen[bytes] | None = None
         self.stund: subprocess.Popen[bytes] | None = None
         self.restarts = 0
-        self._cleanup = contextlib.ExitStack()
+        super().__init__()
         try:
             self.directory = Path(
                 self._cleanup.enter_context(
@@ -253,6 +257,28 @@ class GatewayRig:
             self.gw, ["nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd"]
         ).stdout
 
+    def oneShot(
+        self, config: Path, strategy: str, timeout: float = 200
+    ) -> tuple[int, dict[str, Any], float]:
+        """
+        C{qb-port-sync --once --json} in the client namespace: its exit
+        code, its JSON line, and the seconds it took.
+        """
+        argv = [sys.executable, "-m", "qbportsync", "--once", "--json"]
+        argv += ["--strategy", strategy, "--config", str(config)]
+        started = time.monotonic()
+        done = subprocess.run(
+            self.command(self.client, argv),
+            check=False,
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        elapsed = time.monotonic() - started
+        outcome: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+        return done.returncode, outcome, elapsed
+
     def adopt(self, process: subprocess.Popen[bytes]) -> None:
         """Stop C{process} by its PID when the rig closes."""
         self._cleanup.callback(stopProcess, process)
@@ -261,21 +287,6 @@ class GatewayRig:
         self.stop()
         if self.stund is not None:
             stopProcess(self.stund)
-
-    def close(self) -> None:
-        """Stop everything and delete the namespaces."""
-        self._cleanup.close()
-
-    def __enter__(self) -> GatewayRig:
-        return self
-
-    def __exit__(
-        self,
-        excType: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class ClientQBittorrent:
@@ -306,31 +317,9 @@ class ClientQBittorrent:
                 banDuration=3600,
             )
         )
-        home = self.directory / "home"
-        home.mkdir()
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / ".config"),
-            "XDG_DATA_HOME": str(home / ".local" / "share"),
-            "XDG_CACHE_HOME": str(home / ".cache"),
-            "LANG": "C.UTF-8",
-        }
-        with open(self.directory / "qbittorrent-nox.out", "ab") as out:
-            self.process = subprocess.Popen(
-                rig.command(
-                    rig.client,
-                    [
-                        "qbittorrent-nox",
-                        f"--profile={self.directory}",
-                        f"--webui-port={webuiPort}",
-                    ],
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+        self.process = startQBittorrent(
+            lambda argv: rig.command(rig.client, argv), self.directory, webuiPort
+        )
         rig.adopt(self.process)
         waitFor(self._answers, "qBittorrent's Web UI", 15, 0.05)
 

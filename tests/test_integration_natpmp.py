@@ -10,13 +10,9 @@ applies what it delivers with the real qBittorrent client.
 from __future__ import annotations
 
 import itertools
-import json
 import re
-import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
 from twisted.trial.unittest import TestCase
 
@@ -32,8 +28,6 @@ from tests.rig_gateway import (
     writeConfig,
 )
 
-PROJECT = Path(__file__).resolve().parent.parent
-
 
 class NATPMPIntegrationTests(TestCase):
     """Our NAT-PMP client against miniupnpd, for real."""
@@ -45,21 +39,6 @@ class NATPMPIntegrationTests(TestCase):
         self.rig = GatewayRig()
         self.addCleanup(self.rig.close)
         self.qbittorrent = ClientQBittorrent(self.rig)
-
-    def oneShot(self, config: Path) -> tuple[int, dict[str, Any]]:
-        """The CLI's one-shot in the client namespace: exit code and JSON."""
-        argv = [sys.executable, "-m", "qbportsync", "--once", "--json"]
-        argv += ["--strategy", "natpmp", "--config", str(config)]
-        done = subprocess.run(
-            self.rig.command(self.rig.client, argv),
-            check=False,
-            cwd=PROJECT,
-            capture_output=True,
-            text=True,
-            timeout=200,
-        )
-        outcome: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-        return done.returncode, outcome
 
     def natpmpc(self, *args: str) -> str:
         return self.rig.run(
@@ -75,7 +54,9 @@ class NATPMPIntegrationTests(TestCase):
         taken = self.natpmpc("-a", "6881", "7000", "tcp", "60")
         self.assertIn("Mapped public port 6881 protocol TCP to local port 7000", taken)
         capture = Capture(self.rig)
-        code, outcome = self.oneShot(writeConfig(self.rig, self.qbittorrent))
+        code, outcome, _ = self.rig.oneShot(
+            writeConfig(self.rig, self.qbittorrent), "natpmp"
+        )
         capture.stop()
         self.assertEqual(
             (code, outcome["detected_port"], outcome["applied"], outcome["verified"]),

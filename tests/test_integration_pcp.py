@@ -29,6 +29,7 @@ from tests.rig import requireTool, waitFor
 from tests.rig_gateway import (
     CLIENT_ADDRESS,
     GATEWAY_ADDRESS,
+    PROJECT,
     Capture,
     ClientQBittorrent,
     GatewayRig,
@@ -36,7 +37,6 @@ from tests.rig_gateway import (
     writeConfig,
 )
 
-PROJECT = Path(__file__).resolve().parent.parent
 PCP_REQUESTS = f"portcontrol && ip.src == {CLIENT_ADDRESS}"
 
 
@@ -52,34 +52,6 @@ class PCPIntegrationTests(TestCase):
         self.rig = GatewayRig(**lifetimes)
         self.addCleanup(self.rig.close)
         self.qbittorrent = ClientQBittorrent(self.rig)
-
-    def oneShot(self, config: Path, strategy: str) -> tuple[int, dict[str, Any], float]:
-        """The CLI one-shot in the client namespace: exit code, JSON, seconds."""
-        started = time.monotonic()
-        done = subprocess.run(
-            self.rig.command(
-                self.rig.client,
-                [
-                    sys.executable,
-                    "-m",
-                    "qbportsync",
-                    "--once",
-                    "--strategy",
-                    strategy,
-                    "--json",
-                    "--config",
-                    str(config),
-                ],
-            ),
-            check=False,
-            cwd=PROJECT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        elapsed = time.monotonic() - started
-        outcome: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-        return done.returncode, outcome, elapsed
 
     def config(self, gateway: str = GATEWAY_ADDRESS, **portmap: object) -> Path:
         path = writeConfig(self.rig, self.qbittorrent, **portmap)
@@ -97,7 +69,7 @@ class PCPIntegrationTests(TestCase):
         """
         self.makeRig()
         capture = Capture(self.rig)
-        code, outcome, elapsed = self.oneShot(self.config(), "auto")
+        code, outcome, elapsed = self.rig.oneShot(self.config(), "auto", timeout=60)
         capture.stop()
         self.assertEqual(
             (code, outcome["strategy"], outcome["detected_port"], outcome["verified"]),
@@ -204,7 +176,9 @@ class PCPIntegrationTests(TestCase):
         )
         self.rig.adopt(double)
         waitFor(lambda: heard.read_text().startswith("{"), "the double to listen", 10)
-        code, outcome, elapsed = self.oneShot(self.config(gateway="127.0.0.1"), "auto")
+        code, outcome, elapsed = self.rig.oneShot(
+            self.config(gateway="127.0.0.1"), "auto", timeout=60
+        )
         self.assertEqual(code, 0, outcome)
         events = [json.loads(line) for line in heard.read_text().splitlines()[1:]]
         return outcome, elapsed, events

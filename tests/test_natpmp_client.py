@@ -44,19 +44,17 @@ from qbportsync.sources.udpclient import (
     GatewayRefused,
     GatewayTimeout,
 )
-from tests.fakeudp import FakeUDPTransport, MemoryUDPReactor
+from tests.fakeudp import (
+    GATEWAY,
+    SERVER,
+    FakeUDPTransport,
+    MemoryUDPReactor,
+    ScriptedGateway,
+    dropped,
+)
 
-GATEWAY = "198.51.100.1"
-SERVER = (GATEWAY, 5351)
 OK = ResultCode.SUCCESS
 RETRANSMIT_TIMES = [0, 0.25, 0.75, 1.75, 3.75, 7.75, 15.75, 31.75, 63.75]
-
-
-def dropped(metrics: Metrics, reason: str) -> float:
-    value = metrics.registry.get_sample_value(
-        "qb_port_sync_datagrams_dropped_total", {"reason": reason}
-    )
-    return value or 0.0
 
 
 def errors(metrics: Metrics, kind: str) -> float:
@@ -309,35 +307,17 @@ class AnnouncementTests(SynchronousTestCase):
         self.assertEqual(dropped(metrics, "length"), 1)
 
 
-class FakeGateway:
-    """Answers the source's requests the way a test scripts."""
+class FakeGateway(ScriptedGateway[MapRequest]):
+    """Answers the source's NAT-PMP requests the way a test scripts."""
 
-    def __init__(self, reactor: MemoryUDPReactor) -> None:
-        self.reactor = reactor
-        self.epoch = 1000
-        self.started = 0.0
+    kind = MapRequest
 
-    def now(self) -> int:
-        """The gateway's epoch time now."""
-        return self.epoch + int(self.reactor.seconds() - self.started)
-
-    @property
-    def socket(self) -> FakeUDPTransport:
-        return next(p for p in self.reactor.open() if p.connectedTo == SERVER)
-
-    def pending(self) -> list[MapRequest]:
-        out = []
-        for data, _ in self.socket.written:
-            request = decodeRequest(data)
-            assert isinstance(request, MapRequest)
-            out.append(request)
-        self.socket.written.clear()
-        return out
+    def decode(self, data: bytes) -> object:
+        return decodeRequest(data)
 
     def grant(self, port: int | None = None, lifetime: int | None = None) -> MapRequest:
         """Answer the last request sent, granting C{port} (default: suggested)."""
-        request = decodeRequest(self.socket.written[-1][0])
-        assert isinstance(request, MapRequest)
+        request = self.last()
         reply(
             self.socket,
             MapResponse(
@@ -352,8 +332,7 @@ class FakeGateway:
         return request
 
     def refuse(self, result: ResultCode) -> None:
-        request = decodeRequest(self.socket.written[-1][0])
-        assert isinstance(request, MapRequest)
+        request = self.last()
         reply(
             self.socket,
             MapResponse(
@@ -544,13 +523,13 @@ class DaemonTests(SourceTestCase):
         """Renewals every 30 s for a 60 s grant, two datagrams each."""
         self.started()
         self.mapBoth(6881)
-        self.assertEqual(len(self.gateway.pending()), 2)
+        self.assertEqual(len(self.gateway.requests()), 2)
         for period in range(1, 5):
             self.reactor.advance(29.9)
-            self.assertEqual(self.gateway.pending(), [])
+            self.assertEqual(self.gateway.requests(), [])
             self.reactor.advance(0.1)
             self.mapBoth()
-            self.assertEqual(len(self.gateway.pending()), 2, f"period {period}")
+            self.assertEqual(len(self.gateway.requests()), 2, f"period {period}")
         self.assertEqual([f.port for f in self.delivered], [6881] * 5)
         self.assertEqual(self.delivered[-1].expires, 120.0 + 60)
 
@@ -579,7 +558,7 @@ class DaemonTests(SourceTestCase):
         """Renewals suggest the port last granted, not the internal port."""
         self.started()
         self.mapBoth(40000)
-        self.gateway.pending()
+        self.gateway.requests()
         self.reactor.advance(30)
         self.assertEqual(self.gateway.grant(), MapRequest("UDP", 6881, 40000, 60))
         self.assertEqual(self.gateway.grant(), MapRequest("TCP", 6881, 40000, 60))
@@ -603,21 +582,21 @@ class DaemonTests(SourceTestCase):
         """A 20 s grant is renewed after 10 s."""
         self.started()
         self.mapBoth(lifetime=20)
-        self.gateway.pending()
+        self.gateway.requests()
         self.reactor.advance(9.9)
-        self.assertEqual(self.gateway.pending(), [])
+        self.assertEqual(self.gateway.requests(), [])
         self.reactor.advance(0.1)
-        self.assertEqual(len(self.gateway.pending()), 1)
+        self.assertEqual(len(self.gateway.requests()), 1)
 
     def test_noLifetimeUsesRefresh(self) -> None:
         """A grant without lifetime is renewed after refresh_secs."""
         self.started(refresh_secs=45)
         self.mapBoth(lifetime=0)
-        self.gateway.pending()
+        self.gateway.requests()
         self.reactor.advance(44.9)
-        self.assertEqual(self.gateway.pending(), [])
+        self.assertEqual(self.gateway.requests(), [])
         self.reactor.advance(0.1)
-        self.assertEqual(len(self.gateway.pending()), 1)
+        self.assertEqual(len(self.gateway.requests()), 1)
 
     def test_changedGrantDelivered(self) -> None:
         """A renewal granting another port delivers it at once."""
@@ -631,12 +610,12 @@ class DaemonTests(SourceTestCase):
         """A refused renewal is retried after 1, 2, 4 s, within the lease."""
         self.started()
         self.mapBoth(6881)
-        self.gateway.pending()
+        self.gateway.requests()
         self.reactor.advance(30)
         sent: list[float] = []
         for _ in range(3):
             self.gateway.refuse(ResultCode.NETWORK_FAILURE)
-            self.gateway.pending()
+            self.gateway.requests()
             while not self.gateway.socket.written:
                 self.reactor.advance(0.5)
             sent.append(self.reactor.seconds())
@@ -650,7 +629,7 @@ class DaemonTests(SourceTestCase):
         self.reactor.advance(5)
         for _ in range(3):  # 1 s, 2 s, then 4 s capped to the 1 s left
             self.gateway.refuse(ResultCode.NETWORK_FAILURE)
-            self.gateway.pending()
+            self.gateway.requests()
             while not self.gateway.socket.written:
                 self.reactor.advance(0.25)
         self.assertEqual(self.reactor.seconds(), 10.0)
@@ -658,11 +637,11 @@ class DaemonTests(SourceTestCase):
     def test_silentGatewayKeepsTrying(self) -> None:
         """A gateway silent for 128 s fails the try; another starts in 1 s."""
         self.started(protocol="UDP")
-        self.gateway.pending()
+        self.gateway.requests()
         advance(self.reactor, 127.75)
-        self.assertEqual(len(self.gateway.pending()), 8)
+        self.assertEqual(len(self.gateway.requests()), 8)
         self.reactor.advance(1)
-        self.assertEqual(len(self.gateway.pending()), 1)
+        self.assertEqual(len(self.gateway.requests()), 1)
 
     def test_epochResetFromResponse(self) -> None:
         """An epoch gone back remaps everything after the random 0-5 s wait."""
@@ -672,12 +651,12 @@ class DaemonTests(SourceTestCase):
         self.gateway.epoch = 0
         self.gateway.started = 30
         self.mapBoth(7000)
-        self.gateway.pending()
+        self.gateway.requests()
         self.assertEqual(
             sample(self.metrics, "qb_port_sync_gateway_epoch_resets_total"), 1.0
         )
         self.reactor.advance(2.4)
-        self.assertEqual(self.gateway.pending(), [])
+        self.assertEqual(self.gateway.requests(), [])
         self.reactor.advance(0.1)  # random 0.5 × 5 s
         self.assertEqual(self.gateway.grant(), MapRequest("UDP", 6881, 7000, 60))
 
@@ -700,49 +679,47 @@ class DaemonTests(SourceTestCase):
         self.started()
         self.assertEqual(self.announcementPort().groups, [("224.0.0.1", "")])
 
-    def test_natpmpAnnouncement(self) -> None:
-        """A NAT-PMP announcement with a reset epoch triggers a remap."""
+    def announcedAfterMapping(
+        self, datagram: bytes, sender: tuple[str, int] = SERVER
+    ) -> None:
+        """Map both, let 10 s pass, then hear C{datagram} on 224.0.0.1:5350."""
         self.started()
         self.mapBoth(6881)
-        self.gateway.pending()
+        self.gateway.requests()
         self.reactor.advance(10)
-        self.announcementPort().protocol.datagramReceived(
-            encodeResponse(ExternalAddressResponse(OK, 0, "203.0.113.5")),
-            (GATEWAY, 5351),
+        self.announcementPort().protocol.datagramReceived(datagram, sender)
+
+    def test_natpmpAnnouncement(self) -> None:
+        """A NAT-PMP announcement with a reset epoch triggers a remap."""
+        self.announcedAfterMapping(
+            encodeResponse(ExternalAddressResponse(OK, 0, "203.0.113.5"))
         )
         self.reactor.advance(2.5)
-        self.assertEqual(len(self.gateway.pending()), 1)
+        self.assertEqual(len(self.gateway.requests()), 1)
 
     def test_pcpAnnouncement(self) -> None:
         """A PCP ANNOUNCE (version 2) with a reset epoch triggers a remap."""
-        self.started()
-        self.mapBoth(6881)
-        self.gateway.pending()
-        self.reactor.advance(10)
-        announce = bytes.fromhex("0280 0000 00000000 00000000") + bytes(12)
-        self.announcementPort().protocol.datagramReceived(announce, (GATEWAY, 5351))
+        self.announcedAfterMapping(
+            bytes.fromhex("0280 0000 00000000 00000000") + bytes(12)
+        )
         self.reactor.advance(2.5)
-        self.assertEqual(len(self.gateway.pending()), 1)
+        self.assertEqual(len(self.gateway.requests()), 1)
 
     def test_strangerAnnouncement(self) -> None:
         """Announcements from anyone but our gateway are dropped and counted."""
-        self.started()
-        self.mapBoth(6881)
-        self.gateway.pending()
-        self.reactor.advance(10)
-        self.announcementPort().protocol.datagramReceived(
+        self.announcedAfterMapping(
             encodeResponse(ExternalAddressResponse(OK, 0, "203.0.113.5")),
             ("198.51.100.66", 5351),
         )
         self.reactor.advance(5)
-        self.assertEqual(self.gateway.pending(), [])
+        self.assertEqual(self.gateway.requests(), [])
         self.assertEqual(dropped(self.metrics, "stranger"), 1)
 
     def test_addressChange(self) -> None:
         """An announced new external address triggers a remap."""
         self.started()
         self.mapBoth(6881)
-        self.gateway.pending()
+        self.gateway.requests()
         listener = self.announcementPort().protocol
         for address in ("203.0.113.5", "203.0.113.6"):
             self.reactor.advance(1)
@@ -751,7 +728,7 @@ class DaemonTests(SourceTestCase):
                 (GATEWAY, 5351),
             )
         self.reactor.advance(2.5)
-        self.assertEqual(len(self.gateway.pending()), 1)
+        self.assertEqual(len(self.gateway.requests()), 1)
 
     def test_stop(self) -> None:
         """stop() closes both sockets and leaves no timer; deletes nothing."""
@@ -775,7 +752,7 @@ class DaemonTests(SourceTestCase):
         """release_on_exit deletes each mapping: our internal port, lifetime 0."""
         source = self.started(release_on_exit=True)
         self.mapBoth(40000)
-        self.gateway.pending()
+        self.gateway.requests()
         socket = self.gateway.socket
         d = source.stop()
         self.assertEqual(self.gateway.grant(0, 0), MapRequest("UDP", 6881, 0, 0))

@@ -27,11 +27,16 @@ from qbportsync.sources.pcp import (
     decodeRequest,
     encodeResponse,
 )
-from tests.fakeudp import FakeUDPTransport, MemoryUDPReactor
+from tests.fakeudp import (
+    GATEWAY,
+    SERVER,
+    FakeUDPTransport,
+    MemoryUDPReactor,
+    ScriptedGateway,
+    dropped,
+)
 
-GATEWAY = "198.51.100.1"
 CLIENT = "198.51.100.2"
-SERVER = (GATEWAY, 5351)
 OK = ResultCode.SUCCESS
 
 
@@ -41,49 +46,17 @@ def config(**portmap: object) -> Config:
     return Config(portmap=PortmapConfig(**settings))  # type: ignore[arg-type]
 
 
-def dropped(metrics: Metrics, reason: str) -> float:
-    value = metrics.registry.get_sample_value(
-        "qb_port_sync_datagrams_dropped_total", {"reason": reason}
-    )
-    return value or 0.0
-
-
 def resets(metrics: Metrics) -> float | None:
     return metrics.registry.get_sample_value("qb_port_sync_gateway_epoch_resets_total")
 
 
-class FakeGateway:
+class FakeGateway(ScriptedGateway[MapRequest]):
     """Answers PCP (or NAT-PMP) requests the way a test scripts."""
 
-    def __init__(self, reactor: MemoryUDPReactor) -> None:
-        self.reactor = reactor
-        self.epoch = 1000
-        self.started = 0.0
+    kind = MapRequest
 
-    def now(self) -> int:
-        return self.epoch + int(self.reactor.seconds() - self.started)
-
-    @property
-    def socket(self) -> FakeUDPTransport:
-        return next(p for p in self.reactor.open() if p.connectedTo == SERVER)
-
-    def requests(self) -> list[MapRequest]:
-        """Every PCP MAP sent on the current socket since the last call."""
-        out = []
-        for data, _ in self.socket.written:
-            request = decodeRequest(data)
-            assert isinstance(request, MapRequest)
-            out.append(request)
-        self.socket.written.clear()
-        return out
-
-    def last(self) -> MapRequest:
-        request = decodeRequest(self.socket.written[-1][0])
-        assert isinstance(request, MapRequest)
-        return request
-
-    def send(self, data: bytes) -> None:
-        self.socket.protocol.datagramReceived(data, SERVER)
+    def decode(self, data: bytes) -> object:
+        return decodeRequest(data)
 
     def answer(
         self, request: MapRequest, result: ResultCode, port: int, life: int
@@ -117,7 +90,7 @@ class FakeGateway:
         return request
 
     def natpmpRequest(self) -> natpmp.Request:
-        return natpmp.decodeRequest(self.socket.written[-1][0])
+        return natpmp.decodeRequest(self.lastSent())
 
     def natpmpGrant(self, port: int) -> None:
         request = self.natpmpRequest()
