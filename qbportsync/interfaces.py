@@ -74,3 +74,25 @@ class IPortSink(Interface):
 
     def listenPort() -> Deferred[int]:
         """The port the sink listens on now."""
+
+
+@frozen
+class NetworkChange:
+    """One change in the host's network, as the kernel reported it."""
+
+    kind: str
+    """C{"link"}, C{"address"} or C{"route"}."""
+    interface: str
+    """The interface's name; empty when the kernel did not say."""
+    present: bool
+    """True when the thing appeared or changed, False when it went away."""
+
+
+class INetworkEvents(Interface):
+    """The host's network changes (Linux: netlink; macOS: the routing socket)."""
+
+    def subscribe(observer: Callable[[NetworkChange], object]) -> Callable[[], None]:
+        """
+        Call C{observer} with every change from now on; returns a function
+        that ends the subscription.
+        """
