@@ -34,6 +34,25 @@ class ApplyResult:
     note: str = ""
 
 
+@frozen
+class SourceTrouble:
+    """
+    Why a source cannot learn the port right now; it stays visible in
+    /status, metrics and the health check until the source delivers a port.
+    """
+
+    cause: str
+    """A sentence for operators: what is wrong and, when known, the fix."""
+    kind: str
+    """Metric label of C{qb_port_sync_errors_total}: "file", "gateway"..."""
+    permanent: bool = False
+    """True when only the user can fix it (a wrong setting, a refusal)."""
+
+
+Report = Callable[[Forwarded | SourceTrouble], object]
+"""What a source calls with each port it sees, or with why it sees none."""
+
+
 class SourceUnavailable(Exception):
     """This environment cannot provide the port this way (exit code 3)."""
 
@@ -47,10 +66,11 @@ class IPortSource(Interface):
 
     name: str = Attribute("Short name used in logs, metrics and JSON: 'file'...")
 
-    def start(deliver: Callable[[Forwarded], object]) -> None:
+    def start(deliver: Report) -> None:
         """
         Begin watching; call C{deliver} with each port seen, the current one
-        first as soon as it is known.
+        first as soon as it is known, and with a L{SourceTrouble} whenever
+        the port cannot be learned (a later port clears it).
         """
 
     def stop() -> Deferred[None]:

@@ -31,10 +31,15 @@ class SyncStatus:
     lease_lifetime: float | None = None
     """Seconds the gateway granted the lease for; None for a port file."""
     last_attempt_failed: bool = False
+    source_trouble: str | None = None
+    """Why the source cannot learn the port now; None when it can."""
+    source_trouble_since: float | None = None
 
 
 def unhealthyReason(status: SyncStatus, now: float) -> str | None:
     """Why the daemon is unhealthy at POSIX time C{now}, or None if it is not."""
+    if status.source_trouble is not None:
+        return status.source_trouble
     if status.last_success is None:
         return "qBittorrent has not been updated yet"
     if not status.verified:
@@ -79,6 +84,8 @@ def statusDocument(status: SyncStatus, now: float) -> dict[str, object]:
         "last_error_at": _timestamp(status.last_error_at),
         "last_attempt_failed": status.last_attempt_failed,
         "lease_expires": _timestamp(status.lease_expires),
+        "source_trouble": status.source_trouble,
+        "source_trouble_since": _timestamp(status.source_trouble_since),
         "now": _timestamp(now),
     }
 

@@ -18,27 +18,22 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from qbportsync.interfaces import ApplyResult, Forwarded, IPortSink, IPortSource
+from qbportsync.backoff import Backoff
+from qbportsync.interfaces import (
+    ApplyResult,
+    Forwarded,
+    IPortSink,
+    IPortSource,
+    SourceTrouble,
+)
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import LoginRefused
 from qbportsync.status import SyncStatus
 
 _log = Logger()
 
-FIRST_RETRY_SECS = 1.0
 MAX_RETRY_SECS = 60.0
 """Never wait longer: a gateway lease may last only 60 s."""
-JITTER = 0.2
-
-
-def retryDelay(failures: int, rnd: Callable[[], float]) -> float:
-    """
-    Seconds to wait after the C{failures}-th failure in a row: about one
-    second, doubling to a minute, spread by +/-20 % so that many daemons
-    do not retry in step.
-    """
-    base = min(MAX_RETRY_SECS, FIRST_RETRY_SECS * 2.0 ** min(failures - 1, 16))
-    return base * (1 - JITTER + 2 * JITTER * rnd())
 
 
 class PortSync(Service):
@@ -66,7 +61,7 @@ class PortSync(Service):
         self._sink = sink
         self._metrics = metrics
         self._bindInterface = bindInterface
-        self._rnd = rnd
+        self._backoff = Backoff(first=1.0, cap=MAX_RETRY_SECS, rnd=rnd)
         self._onStatus = onStatus
         self._status = SyncStatus(strategy=source.name)
         self._wanted: int | None = None
@@ -74,7 +69,6 @@ class PortSync(Service):
         """The port qBittorrent was last seen to listen on, as we want."""
         self._inFlight: Deferred[object] | None = None
         self._retry: IDelayedCall | None = None
-        self._failures = 0
         self._gaveUp = False
         """qBittorrent refused our login too often: only a restart helps."""
         self._checkFailing = False
@@ -117,8 +111,29 @@ class PortSync(Service):
             self._inFlight.cancel()
         return self._source.stop()
 
-    def portSeen(self, forwarded: Forwarded) -> None:
-        """The source reports a port: apply it unless qBittorrent has it."""
+    def portSeen(self, seen: Forwarded | SourceTrouble) -> None:
+        """The source reports a port, or why it has none."""
+        if isinstance(seen, SourceTrouble):
+            self._sourceTrouble(seen)
+        else:
+            self._forwarded(seen)
+
+    def _sourceTrouble(self, trouble: SourceTrouble) -> None:
+        """Show the source's trouble until it delivers a port; log each cause once."""
+        if self._status.source_trouble == trouble.cause:
+            return
+        self._metrics.errors.labels(kind=trouble.kind).inc()
+        _log.warn("{cause}", cause=trouble.cause)
+        self._setStatus(
+            source_trouble=trouble.cause,
+            source_trouble_since=self._reactor.seconds(),
+        )
+
+    def _forwarded(self, forwarded: Forwarded) -> None:
+        """Apply a port from the source unless qBittorrent has it already."""
+        if self._status.source_trouble is not None:
+            _log.info("The port source works again")
+            self._setStatus(source_trouble=None, source_trouble_since=None)
         lifetime = None
         if forwarded.expires is not None:
             lifetime = forwarded.expires - self._reactor.seconds()
@@ -158,7 +173,7 @@ class PortSync(Service):
 
     def _applied(self, result: ApplyResult) -> None:
         now = self._reactor.seconds()
-        self._failures = 0
+        self._backoff.reset()
         self._metrics.qbittorrent_up.set(1)
         if not result.verified:
             self._recordError(
@@ -238,8 +253,7 @@ class PortSync(Service):
 
     def _scheduleRetry(self, at: float | None = None) -> float:
         """Try again after a growing delay, or at C{at} if that is later."""
-        self._failures += 1
-        delay = retryDelay(self._failures, self._rnd)
+        delay = self._backoff.next()
         if at is not None:
             delay = max(delay, at - self._reactor.seconds())
         self._retry = self._reactor.callLater(delay, self._retryNow)

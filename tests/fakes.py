@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from attrs import define, field
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -13,6 +11,7 @@ from qbportsync.interfaces import (
     Forwarded,
     IPortSink,
     IPortSource,
+    Report,
 )
 
 
@@ -22,11 +21,11 @@ class FakeSource:
     """A source whose ports the test pushes with L{emit}."""
 
     name: str = "file"
-    deliver: Callable[[Forwarded], object] | None = None
+    deliver: Report | None = None
     stopped: bool = False
     once: Forwarded | Exception | None = None
 
-    def start(self, deliver: Callable[[Forwarded], object]) -> None:
+    def start(self, deliver: Report) -> None:
         self.deliver = deliver
 
     def stop(self) -> Deferred[None]:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import given
-from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from qbportsync.interfaces import IPortSink, IPortSource
+from qbportsync.interfaces import IPortSink, IPortSource, SourceTrouble
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import LoginRefused, QBittorrentError
 from qbportsync.status import SyncStatus, isHealthy
-from qbportsync.sync import MAX_RETRY_SECS, PortSync, retryDelay
+from qbportsync.sync import PortSync
 
 from .fakes import FakeSink, FakeSource
 
@@ -275,21 +273,32 @@ class DriftTests(SyncTestsMixin, SynchronousTestCase):
         self.assertEqual(len(warnings), 1)
         self.assertIn("answers again", [e["log_format"] for e in events][-1])
 
+    def test_sourceTroubleIsVisibleUntilAPortArrives(self) -> None:
+        """A source's trouble makes the daemon unhealthy and is logged once."""
+        self.source.emit(51413)
+        self.sink.succeed()
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        trouble = SourceTrouble(cause="cannot read the port file", kind="file")
+        self.clock.advance(5)
+        assert self.source.deliver is not None
+        self.source.deliver(trouble)
+        self.source.deliver(trouble)
+        status = self.sync.status
+        self.assertEqual(status.source_trouble, "cannot read the port file")
+        self.assertEqual(status.source_trouble_since, 5)
+        self.assertFalse(isHealthy(status, self.clock.seconds()))
+        self.assertEqual(
+            sample(self.metrics, "qb_port_sync_errors_total", kind="file"), 1
+        )
+        warned = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warned), 1)
+        self.source.emit(51413)
+        self.assertIsNone(self.sync.status.source_trouble)
+        self.assertTrue(isHealthy(self.sync.status, self.clock.seconds()))
+
     def test_noCheckBeforeFirstPort(self) -> None:
         """Nothing is checked while no port is known."""
         self.clock.advance(300)
         self.assertEqual(self.sink.checks, [])
-
-
-class RetryDelayTests(SynchronousTestCase):
-    def test_firstAboutOneSecond(self) -> None:
-        """The first retry comes after 0.8 to 1.2 seconds."""
-        self.assertAlmostEqual(retryDelay(1, lambda: 0.0), 0.8)
-        self.assertAlmostEqual(retryDelay(1, lambda: 1.0), 1.2)
-
-    @given(st.integers(min_value=1, max_value=10_000), st.floats(0, 1))
-    def test_neverBeyondCap(self, failures: int, r: float) -> None:
-        """No retry ever waits more than the cap plus jitter."""
-        delay = retryDelay(failures, lambda: r)
-        self.assertLessEqual(delay, MAX_RETRY_SECS * 1.2 + 1e-9)
-        self.assertGreater(delay, 0)

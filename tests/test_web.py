@@ -180,6 +180,8 @@ class StatusTests(SynchronousTestCase):
                 "last_error_at": "2023-11-14T22:13:15+00:00",
                 "last_attempt_failed": True,
                 "lease_expires": "2023-11-14T22:14:00+00:00",
+                "source_trouble": None,
+                "source_trouble_since": None,
                 "now": "2023-11-14T22:13:20+00:00",
             },
         )

@@ -16,7 +16,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from qbportsync.config import ConfigError
-from qbportsync.interfaces import Forwarded, IPortSource, SourceUnavailable
+from qbportsync.interfaces import (
+    Forwarded,
+    IPortSource,
+    Report,
+    SourceTrouble,
+    SourceUnavailable,
+)
 
 _log = Logger()
 
@@ -74,9 +80,15 @@ class AutoSource:
         note = "; ".join(n for n in (forwarded.note, self.reason) if n)
         return evolve(forwarded, note=note)
 
-    def start(self, deliver: Callable[[Forwarded], object]) -> None:
+    def start(self, deliver: Report) -> None:
         _log.info("{reason}", reason=self.reason)
-        self._chosen.start(lambda forwarded: deliver(self._explain(forwarded)))
+
+        def explained(seen: Forwarded | SourceTrouble) -> object:
+            if isinstance(seen, Forwarded):
+                seen = self._explain(seen)
+            return deliver(seen)
+
+        self._chosen.start(explained)
 
     def stop(self) -> Deferred[None]:
         stopped: Deferred[None] = self._chosen.stop()

@@ -27,6 +27,7 @@ from qbportsync.config import Config
 from qbportsync.interfaces import (
     Forwarded,
     IPortSource,
+    Report,
     SourceError,
     SourceUnavailable,
 )
@@ -149,14 +150,14 @@ class GatewaySource:
         self._ports: list[IListeningPort] = []
         self._listening = False
         self._keeper: LeaseKeeper | None = None
-        self._deliver: Callable[[Forwarded], object] = lambda forwarded: None
+        self._deliver: Report = lambda forwarded: None
 
     @property
     def name(self) -> str:
         """The protocol spoken now (or about to be tried)."""
         return self._protocols[self._index].name
 
-    def start(self, deliver: Callable[[Forwarded], object]) -> None:
+    def start(self, deliver: Report) -> None:
         self._deliver = deliver
         self._keeper = LeaseKeeper(
             self._reactor,

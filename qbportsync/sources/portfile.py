@@ -18,6 +18,7 @@ from zope.interface import implementer
 from qbportsync.interfaces import (
     Forwarded,
     IPortSource,
+    Report,
     SourceError,
     SourceUnavailable,
 )
@@ -117,13 +118,13 @@ class PortFileSource:
         self._metrics = metrics
         self._notifierFactory = notifierFactory
         self._pollInterval = pollInterval
-        self._deliver: Callable[[Forwarded], object] | None = None
+        self._deliver: Report | None = None
         self._notifier: INotify | None = None
         self._watched: FilePath[str] | None = None
         self._poller: LoopingCall | None = None
         self._lastContent: bytes | None = None
 
-    def start(self, deliver: Callable[[Forwarded], object]) -> None:
+    def start(self, deliver: Report) -> None:
         """Read the file now, then follow it."""
         self._deliver = deliver
         _log.info("Watching the port file {path}", path=self._path.path)
