@@ -14,6 +14,7 @@ import ipaddress
 import json
 import math
 import os
+import shutil
 import stat
 import sys
 import tomllib
@@ -32,6 +33,8 @@ APP_DIR = "qb-port-sync"
 CONFIG_NAME = "config.toml"
 PASSWORD_ENV = "QB_PORT_SYNC_QB_PASSWORD"  # noqa: S105 -- a variable name
 API_KEY_ENV = "QB_PORT_SYNC_QB_API_KEY"
+GLUETUN_PASSWORD_ENV = "QB_PORT_SYNC_GLUETUN_PASSWORD"  # noqa: S105 -- a name
+GLUETUN_API_KEY_ENV = "QB_PORT_SYNC_GLUETUN_API_KEY"
 _MAX_LIFETIME = 2**32 - 1
 _NO_FILE = "(no configuration file)"
 
@@ -82,6 +85,23 @@ class ListenConfig:
 
 
 @frozen
+class GluetunConfig:
+    url: str = ""
+    """gluetun's control server; empty: C{auto} does not consider gluetun."""
+    api_key: str = field(default="", repr=False)
+    username: str = ""
+    password: str = field(default="", repr=False)
+    poll_interval_secs: float = 10.0
+
+
+@frozen
+class HooksConfig:
+    on_change: tuple[str, ...] = ()
+    """The program (an absolute path once loaded) and its arguments."""
+    hook_timeout_secs: float = 30.0
+
+
+@frozen
 class Config:
     path: str | None = None
     qbittorrent: QBittorrentConfig = QBittorrentConfig()
@@ -90,6 +110,8 @@ class Config:
     net: NetConfig = NetConfig()
     metrics: ListenConfig = ListenConfig()
     health: ListenConfig = ListenConfig()
+    gluetun: GluetunConfig = GluetunConfig()
+    hooks: HooksConfig = HooksConfig()
 
 
 _KEYS: dict[str, tuple[str, ...]] = {
@@ -117,6 +139,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "net": ("bind_interface",),
     "metrics": ("enabled", "port", "address"),
     "health": ("enabled", "port", "address"),
+    "gluetun": ("url", "api_key", "username", "password", "poll_interval_secs"),
+    "hooks": ("on_change", "hook_timeout_secs"),
 }
 _SECRET_KEYS = frozenset({"password", "api_key"})
 
@@ -346,6 +370,8 @@ class _Loader:
             net=NetConfig(bind_interface=sections["net"].string("bind_interface", "")),
             metrics=metrics,
             health=self.health(sections["health"], metrics),
+            gluetun=self.gluetun(sections["gluetun"]),
+            hooks=self.hooks(sections["hooks"]),
         )
 
     def sections(self, tables: Mapping[str, object]) -> dict[str, _Section]:
@@ -386,7 +412,7 @@ class _Loader:
             filePassword = self.readPassword(section, path)
             self.warnIfShared(path, "a password")
         return QBittorrentConfig(
-            base_url=self.baseURL(section, defaults.base_url),
+            base_url=self.baseURL(section, "base_url", defaults.base_url),
             username=section.string("username", defaults.username),
             password=(password or self.environ.get(PASSWORD_ENV, "") or filePassword),
             api_key=apiKey or self.environ.get(API_KEY_ENV, ""),
@@ -397,8 +423,8 @@ class _Loader:
             ),
         )
 
-    def baseURL(self, section: _Section, default: str) -> str:
-        value = section.string("base_url", default)
+    def baseURL(self, section: _Section, key: str, default: str) -> str:
+        value = section.string(key, default)
         allowed = (
             'an http:// or https:// URL with a host, such as "http://127.0.0.1:8080"'
         )
@@ -406,13 +432,13 @@ class _Loader:
             parts = urlsplit(value)
             parts.port  # noqa: B018 -- raises ValueError when out of range
         except ValueError:
-            raise section.fail("base_url", f"must be {allowed}") from None
+            raise section.fail(key, f"must be {allowed}") from None
         if "@" in parts.netloc:
             # Never echo it: the user name and password would be in the message.
             raise section.fail(
-                "base_url",
+                key,
                 "must not carry a user name or password; "
-                "use qbittorrent.username and qbittorrent.password",
+                f"use {section.name}.username and {section.name}.password",
             )
         if (
             parts.scheme not in ("http", "https")
@@ -421,7 +447,7 @@ class _Loader:
             or parts.fragment
             or any(c.isspace() for c in value)
         ):
-            raise section.fail("base_url", f"must be {allowed}, got {_describe(value)}")
+            raise section.fail(key, f"must be {allowed}, got {_describe(value)}")
         return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
 
     def readPassword(self, section: _Section, path: str) -> str:
@@ -530,3 +556,60 @@ class _Loader:
                 f"got {_describe(health.address)}",
             )
         return health
+
+    def gluetun(self, section: _Section) -> GluetunConfig:
+        defaults = GluetunConfig()
+        password = section.string("password", "")
+        apiKey = section.string("api_key", "")
+        if password or apiKey:
+            self.warnIfShared(self.file, "a password or API key")
+        url = ""
+        if section.string("url", ""):
+            url = self.baseURL(section, "url", "")
+        return GluetunConfig(
+            url=url,
+            api_key=apiKey or self.environ.get(GLUETUN_API_KEY_ENV, ""),
+            username=section.string("username", defaults.username),
+            password=password or self.environ.get(GLUETUN_PASSWORD_ENV, ""),
+            poll_interval_secs=section.seconds(
+                "poll_interval_secs", defaults.poll_interval_secs
+            ),
+        )
+
+    def hooks(self, section: _Section) -> HooksConfig:
+        defaults = HooksConfig()
+        argv = section.table.get("on_change", [])
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise section.fail(
+                "on_change",
+                "must be an array of strings (the program, then its arguments), "
+                f"got {_describe(argv)}",
+            )
+        if argv:
+            argv = [self.executable(section, argv[0]), *argv[1:]]
+        return HooksConfig(
+            on_change=tuple(argv),
+            hook_timeout_secs=section.seconds(
+                "hook_timeout_secs", defaults.hook_timeout_secs
+            ),
+        )
+
+    def executable(self, section: _Section, program: str) -> str:
+        """The absolute path of C{program}, looked up in C{$PATH} without a slash."""
+        if not program:
+            raise section.fail("on_change", 'must start with a program, got ""')
+        path = _expandUser(program, self.environ)
+        if "/" not in path:
+            found = shutil.which(path, path=self.environ.get("PATH", os.defpath))
+            if found is None:
+                raise section.fail(
+                    "on_change", f"names {path}, which is not a program in $PATH"
+                )
+            path = found
+        if not os.path.isfile(path) or not os.access(path, os.X_OK):
+            raise section.fail(
+                "on_change",
+                f"names {path}, which is not an executable file "
+                f"(fix it with: chmod +x {path}, or name the right program)",
+            )
+        return os.path.abspath(path)

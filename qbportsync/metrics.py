@@ -20,8 +20,15 @@ from prometheus_client.registry import Collector
 
 from qbportsync._version import __version__
 
-ErrorKind = Literal["qbittorrent", "auth", "gateway", "file", "parse"]
-ERROR_KINDS: tuple[ErrorKind, ...] = ("qbittorrent", "auth", "gateway", "file", "parse")
+ErrorKind = Literal["qbittorrent", "auth", "gateway", "file", "parse", "gluetun"]
+ERROR_KINDS: tuple[ErrorKind, ...] = (
+    "qbittorrent",
+    "auth",
+    "gateway",
+    "file",
+    "parse",
+    "gluetun",
+)
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 """The media type of what L{Metrics.exposition} returns."""
@@ -75,7 +82,7 @@ class Metrics:
         info.info({"version": __version__.short()})
         errors = Counter(
             "errors",
-            "Failures by kind: qbittorrent, auth, gateway, file, parse.",
+            "Failures by kind: qbittorrent, auth, gateway, file, parse, gluetun.",
             ["kind"],
             namespace=ns,
             registry=registry,

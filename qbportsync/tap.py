@@ -10,12 +10,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
+from treq.client import HTTPClient
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 from twisted.python.filepath import FilePath
-from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from qbportsync._version import __version__
 from qbportsync.config import Config, ConfigError, loadConfig
@@ -24,6 +25,7 @@ from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
 from qbportsync.sdnotify import SystemdNotifier
 from qbportsync.sources.auto import autoSource
+from qbportsync.sources.gluetun import GluetunSource
 from qbportsync.sources.natpmp import NATPMPSource
 from qbportsync.sources.pcp import PCPSource
 from qbportsync.sources.portfile import NotifierFactory, PortFileSource
@@ -31,7 +33,7 @@ from qbportsync.status import statusLine
 from qbportsync.sync import PortSync
 from qbportsync.web import ListenError, makeWebService
 
-STRATEGIES = ("file", "natpmp", "pcp", "auto")
+STRATEGIES = ("file", "natpmp", "pcp", "gluetun", "auto")
 
 EXIT_TRANSIENT = 1
 EXIT_CONFIG = 2
@@ -80,7 +82,7 @@ class Options(usage.Options):
     ]
 
     def opt_strategy(self, value: str) -> None:
-        """Where the forwarded port comes from: file, natpmp, pcp or auto."""
+        """Where the forwarded port comes from: file, natpmp, pcp, gluetun or auto."""
         if value not in STRATEGIES:
             raise usage.UsageError(
                 f"--strategy must be one of {', '.join(STRATEGIES)}, not {value!r}"
@@ -150,12 +152,28 @@ def inotifyFactory(reactor: Any) -> NotifierFactory | None:
 
 
 def makeSource(
-    reactor: Any, config: Config, strategy: str, metrics: Metrics, sink: IPortSink
+    reactor: Any,
+    config: Config,
+    strategy: str,
+    metrics: Metrics,
+    sink: IPortSink,
+    pool: HTTPConnectionPool | None = None,
 ) -> IPortSource:
     """
     The source for C{strategy}; raises L{SourceUnavailable} where it cannot
     work.
     """
+
+    def gluetunSource() -> GluetunSource:
+        # Its own client: qBittorrent's cookie jar is none of gluetun's business.
+        http = HTTPClient(Agent(reactor, pool=pool))
+        return GluetunSource(
+            reactor,
+            http,
+            config.gluetun,
+            metrics,
+            timeout=config.qbittorrent.timeout_secs,
+        )
 
     def fileSource() -> PortFileSource:
         return PortFileSource(
@@ -172,8 +190,16 @@ def makeSource(
         return NATPMPSource(reactor, config, metrics, sink.listenPort)
     if strategy == "pcp":
         return pcpSource()
+    if strategy == "gluetun":
+        return gluetunSource()
     if strategy == "auto":
-        return autoSource(config.protonvpn.forwarded_port_path, fileSource, pcpSource)
+        return autoSource(
+            config.protonvpn.forwarded_port_path,
+            fileSource,
+            pcpSource,
+            gluetunURL=config.gluetun.url,
+            gluetunSource=gluetunSource,
+        )
     return fileSource()
 
 
@@ -211,7 +237,7 @@ def buildService(
     pool = HTTPConnectionPool(reactor, persistent=True)
     sink = makeSink(reactor, config, pool)
     try:
-        source = makeSource(reactor, config, strategy, metrics, sink)
+        source = makeSource(reactor, config, strategy, metrics, sink, pool)
     except SourceUnavailable as e:
         print(f"qbportsync: {e}", file=sys.stderr)
         raise SystemExit(EXIT_UNSUPPORTED) from None

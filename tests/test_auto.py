@@ -68,6 +68,18 @@ class ChooseTests(SynchronousTestCase):
         self.assertEqual(choice.kind, "gateway")
         self.assertIn("macOS", choice.reason)
 
+    def test_gluetunWhenURLSet(self) -> None:
+        """[gluetun] url set: gluetun, whatever the platform and files."""
+        for platform in ("linux", "darwin", "freebsd"):
+            choice = choose(PATH, platform, existing(PATH), "http://127.0.0.1:8000")
+            self.assertEqual(
+                choice,
+                Choice(
+                    "gluetun",
+                    "auto chose gluetun's control server: [gluetun] url is set",
+                ),
+            )
+
     def test_otherPlatform(self) -> None:
         """Elsewhere: SourceUnavailable naming the strategies to choose."""
         error = self.assertRaises(SourceUnavailable, choose, PATH, "win32", existing())
@@ -93,6 +105,28 @@ class AutoSourceTests(SynchronousTestCase):
         )
         self.assertEqual((built, source.name), (["pcp"], "pcp"))
         self.assertTrue(verifyObject(IPortSource, source))
+
+    def test_buildsGluetun(self) -> None:
+        """With a gluetun URL, autoSource builds the gluetun source only."""
+        built: list[str] = []
+
+        def make(name: str) -> Callable[[], IPortSource]:
+            def build() -> IPortSource:
+                built.append(name)
+                return StubSource(name, Deferred())
+
+            return build
+
+        source = autoSource(
+            PATH,
+            make("file"),
+            make("pcp"),
+            platform="linux",
+            exists=existing(PATH),
+            gluetunURL="http://gluetun:8000",
+            gluetunSource=make("gluetun"),
+        )
+        self.assertEqual((built, source.name), (["gluetun"], "gluetun"))
 
     def test_noteExplains(self) -> None:
         """fetchOnce's note keeps the source's note and adds the reason."""

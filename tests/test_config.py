@@ -14,6 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from qbportsync.config import (
     Config,
     ConfigError,
+    GluetunConfig,
+    HooksConfig,
     ListenConfig,
     NetConfig,
     PortmapConfig,
@@ -224,6 +226,10 @@ class ExampleFileTests(SynchronousTestCase):
                 "net": ["bind_interface"],
                 "metrics": ["address", "enabled", "port"],
                 "health": ["address", "enabled", "port"],
+                "gluetun": sorted(
+                    ["url", "api_key", "username", "password", "poll_interval_secs"]
+                ),
+                "hooks": ["hook_timeout_secs", "on_change"],
             },
         )
 
@@ -768,3 +774,116 @@ class SecretLeakTests(ConfigTestCase):
         message = self.loadError(f'[qbittorrent]\npassword_file = "{pwFile}"\n')
         self.assertIn("qbittorrent.password_file must name a UTF-8 text file", message)
         self.assertNotIn(SECRET, message)
+
+
+class GluetunConfigTests(ConfigTestCase):
+    """The [gluetun] section: URL, credentials from file or environment."""
+
+    def test_everyKeyRead(self) -> None:
+        """Each [gluetun] key ends up in its field, the URL normalised."""
+        config = self.load(
+            "[gluetun]\n"
+            'url = "http://127.0.0.1:8000/"\n'
+            f'api_key = "{SECRET}"\n'
+            'username = "bob"\n'
+            f'password = "{SECRET}2"\n'
+            "poll_interval_secs = 2.5\n"
+        )
+        self.assertEqual(
+            config.gluetun,
+            GluetunConfig(
+                url="http://127.0.0.1:8000",
+                api_key=SECRET,
+                username="bob",
+                password=f"{SECRET}2",
+                poll_interval_secs=2.5,
+            ),
+        )
+        self.assertNotIn(SECRET, repr(config))
+
+    def test_environment(self) -> None:
+        """Empty secrets come from QB_PORT_SYNC_GLUETUN_API_KEY / _PASSWORD."""
+        config = self.load(
+            '[gluetun]\nurl = "http://gluetun:8000"\n',
+            {
+                **ENV,
+                "QB_PORT_SYNC_GLUETUN_API_KEY": "k",
+                "QB_PORT_SYNC_GLUETUN_PASSWORD": "p",
+            },
+        )
+        self.assertEqual((config.gluetun.api_key, config.gluetun.password), ("k", "p"))
+
+    def test_badURL(self) -> None:
+        """A URL with credentials is refused without echoing them."""
+        message = self.loadError(
+            f'[gluetun]\nurl = "http://u:{SECRET}@127.0.0.1:8000"\n'
+        )
+        self.assertIn("gluetun.url must not carry a user name or password", message)
+        self.assertIn("use gluetun.username and gluetun.password", message)
+        self.assertNotIn(SECRET, message)
+        message = self.loadError('[gluetun]\nurl = "ftp://x"\n')
+        self.assertIn("gluetun.url must be an http:// or https:// URL", message)
+
+    def test_badPollInterval(self) -> None:
+        """poll_interval_secs must be a positive number."""
+        message = self.loadError("[gluetun]\npoll_interval_secs = 0\n")
+        self.assertIn("gluetun.poll_interval_secs must be a positive number", message)
+
+
+class HooksConfigTests(ConfigTestCase):
+    """The [hooks] section: the program must exist and be executable."""
+
+    def executable(self, name: str = "hook", mode: int = 0o755) -> str:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(path, mode)
+        return path
+
+    def test_absoluteProgram(self) -> None:
+        """An absolute executable path is kept with its arguments."""
+        hook = self.executable()
+        config = self.load(
+            f'[hooks]\non_change = ["{hook}", "{{port}}", "--x"]\n'
+            "hook_timeout_secs = 5\n"
+        )
+        self.assertEqual(
+            config.hooks,
+            HooksConfig(on_change=(hook, "{port}", "--x"), hook_timeout_secs=5.0),
+        )
+
+    def test_programFromPath(self) -> None:
+        """A bare name is looked up in $PATH and stored as an absolute path."""
+        hook = self.executable("open-port")
+        config = self.load(
+            '[hooks]\non_change = ["open-port", "{port}"]\n',
+            {**ENV, "PATH": os.path.dirname(hook)},
+        )
+        self.assertEqual(config.hooks.on_change, (hook, "{port}"))
+
+    def test_missingProgram(self) -> None:
+        """A program that does not exist is a config error naming it."""
+        missing = os.path.abspath(self.mktemp())
+        message = self.loadError(f'[hooks]\non_change = ["{missing}"]\n')
+        self.assertIn(
+            f"hooks.on_change names {missing}, which is not an executable", message
+        )
+        message = self.loadError(
+            '[hooks]\non_change = ["no-such-hook-program"]\n',
+            {**ENV, "PATH": "/nonexistent"},
+        )
+        self.assertIn("no-such-hook-program, which is not a program in $PATH", message)
+
+    def test_notExecutable(self) -> None:
+        """A file without execute permission is refused, with the chmod fix."""
+        hook = self.executable(mode=0o644)
+        message = self.loadError(f'[hooks]\non_change = ["{hook}"]\n')
+        self.assertIn(f"chmod +x {hook}", message)
+
+    def test_wrongShape(self) -> None:
+        """on_change must be an array of strings starting with a program."""
+        for text in ['on_change = "/bin/true"', "on_change = [1]", 'on_change = [""]']:
+            message = self.loadError(f"[hooks]\n{text}\n")
+            self.assertIn("hooks.on_change must", message)

@@ -83,7 +83,7 @@ class OptionsTests(SynchronousTestCase):
     def test_badStrategy(self) -> None:
         """An unknown strategy is a usage error listing the allowed ones."""
         error = self.assertRaises(usage.UsageError, self.parse, "--strategy", "upnp")
-        self.assertIn("file, natpmp, pcp, auto", str(error))
+        self.assertIn("file, natpmp, pcp, gluetun, auto", str(error))
 
     def test_badLogLevel(self) -> None:
         """An unknown log level is a usage error."""
@@ -107,7 +107,7 @@ class OptionsTests(SynchronousTestCase):
         text = " ".join(str(Options()).split())
         for word in ("--config", "--strategy", "--once", "--json", "--log-level"):
             self.assertIn(word, text)
-        self.assertIn("file, natpmp, pcp or auto", text)
+        self.assertIn("file, natpmp, pcp, gluetun or auto", text)
 
 
 class BuilderTests(SynchronousTestCase):

@@ -32,16 +32,23 @@ class Choice:
     """What C{auto} picked: which kind of source, and why in one line."""
 
     kind: str
-    """"file" or "gateway"."""
+    """"file", "gateway" or "gluetun"."""
     reason: str
 
 
-def choose(path: str, platform: str, exists: Callable[[str], bool]) -> Choice:
+def choose(
+    path: str, platform: str, exists: Callable[[str], bool], gluetunURL: str = ""
+) -> Choice:
     """
-    Linux: the port file if it or its directory exists, else the gateway.
-    macOS: the gateway (no VPN client there writes a port file).  Raises
+    gluetun's control server when C{[gluetun] url} is set.  Else, on Linux,
+    the port file if it or its directory exists, else the gateway; on macOS
+    the gateway (no VPN client there writes a port file).  Raises
     L{SourceUnavailable} elsewhere.
     """
+    if gluetunURL:
+        return Choice(
+            "gluetun", "auto chose gluetun's control server: [gluetun] url is set"
+        )
     if platform == "darwin":
         return Choice("gateway", "auto chose the gateway (PCP, then NAT-PMP) on macOS")
     if not platform.startswith("linux"):
@@ -114,8 +121,12 @@ def autoSource(
     *,
     platform: str = sys.platform,
     exists: Callable[[str], bool] = os.path.exists,
+    gluetunURL: str = "",
+    gluetunSource: Callable[[], IPortSource] | None = None,
 ) -> AutoSource:
     """Choose and build the source for C{--strategy auto}."""
-    choice = choose(path, platform, exists)
-    make = fileSource if choice.kind == "file" else gatewaySource
-    return AutoSource(make(), choice.reason)
+    choice = choose(path, platform, exists, gluetunURL if gluetunSource else "")
+    makers = {"file": fileSource, "gateway": gatewaySource}
+    if gluetunSource is not None:
+        makers["gluetun"] = gluetunSource
+    return AutoSource(makers[choice.kind](), choice.reason)
