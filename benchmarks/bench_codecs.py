@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from qbportsync.sources import natpmp, pcp
-from qbportsync.sources.udpclient import ParseError
+from qbportsync.sources.wire import ParseError, Result
 
 
 def rate(
@@ -32,11 +32,11 @@ def rate(
 
 def main(rounds: int) -> None:
     natpmpGood = natpmp.encodeResponse(
-        natpmp.MapResponse("TCP", natpmp.ResultCode.SUCCESS, 1000, 6881, 40000, 60)
+        natpmp.MapResponse("TCP", Result.SUCCESS, 1000, 6881, 40000, 60)
     )
     pcpGood = pcp.encodeResponse(
         pcp.MapResponse(
-            pcp.ResultCode.SUCCESS,
+            Result.SUCCESS,
             120,
             1000,
             os.urandom(12),

@@ -25,9 +25,8 @@ from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
 from qbportsync.sdnotify import SystemdNotifier
 from qbportsync.sources.auto import autoSource
+from qbportsync.sources.gatewaysource import NATPMPSource, PCPSource
 from qbportsync.sources.gluetun import GluetunSource
-from qbportsync.sources.natpmp import NATPMPSource
-from qbportsync.sources.pcp import PCPSource
 from qbportsync.sources.portfile import NotifierFactory, PortFileSource
 from qbportsync.status import statusLine
 from qbportsync.sync import PortSync

@@ -78,8 +78,7 @@ def _drive(strategy: str, configPath: str, randomValue: str | None) -> None:
     from qbportsync.config import loadConfig
     from qbportsync.interfaces import Forwarded
     from qbportsync.metrics import Metrics
-    from qbportsync.sources.natpmp import NATPMPSource
-    from qbportsync.sources.pcp import PCPSource
+    from qbportsync.sources.gatewaysource import NATPMPSource, PCPSource
     from qbportsync.tap import makeSink
 
     def emit(event: str, **fields: object) -> None:

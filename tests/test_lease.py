@@ -9,15 +9,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from qbportsync.interfaces import SourceError
 from qbportsync.metrics import Metrics
 from qbportsync.sources.lease import (
-    EpochSample,
     EpochTracker,
     Grant,
     LeaseKeeper,
     MappedPort,
-    Transport,
     mapProtocols,
 )
 from qbportsync.sources.natpmp import epochReset
+from qbportsync.sources.wire import EpochSample, IPProto
 
 
 class EpochRuleTests(SynchronousTestCase):
@@ -55,10 +54,10 @@ class MapProtocolsTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.metrics = Metrics.create()
-        self.calls: list[tuple[Transport, int]] = []
+        self.calls: list[tuple[IPProto, int]] = []
         self.answers: list[int] = []
 
-    def mapOne(self, protocol: Transport, suggested: int) -> Deferred[Grant]:
+    def mapOne(self, protocol: IPProto, suggested: int) -> Deferred[Grant]:
         self.calls.append((protocol, suggested))
         return succeed(Grant(protocol, 6881, self.answers.pop(0), 60))
 
@@ -84,7 +83,7 @@ class MapProtocolsTests(SynchronousTestCase):
     def test_failurePropagates(self) -> None:
         """A failed request fails the whole mapping."""
 
-        def mapOne(protocol: Transport, suggested: int) -> Deferred[Grant]:
+        def mapOne(protocol: IPProto, suggested: int) -> Deferred[Grant]:
             return fail(SourceError("no"))
 
         d = Deferred.fromCoroutine(
@@ -146,17 +145,19 @@ class LeaseKeeperTests(SynchronousTestCase):
         self.assertEqual(len(self.requests), 2)
 
     def test_backoff(self) -> None:
-        """Failures before any lease retry after 1, 2, 4, 8, 15, 15 s."""
+        """Failures before any lease retry after 1, 2, 4, 8, 15, 15 s, jittered."""
         self.keeper.start()
         gaps = []
         for _ in range(6):
             self.requests[-1].errback(SourceError("down"))
-            before = self.clock.seconds()
-            count = len(self.requests)
-            while len(self.requests) == count:
-                self.clock.advance(0.5)
-            gaps.append(self.clock.seconds() - before)
-        self.assertEqual(gaps, [1, 2, 4, 8, 15, 15])
+            (retry,) = self.clock.getDelayedCalls()
+            gaps.append(retry.getTime() - self.clock.seconds())
+            self.clock.advance(gaps[-1])
+        # random() is 0.2 here: each wait is 0.88 of the nominal one.
+        self.assertEqual(
+            [round(gap, 2) for gap in gaps], [0.88, 1.76, 3.52, 7.04, 13.2, 13.2]
+        )
+        self.assertEqual(len(self.requests), 7)
 
     def test_resetDuringRequest(self) -> None:
         """A reset while a request is in flight remaps once it settles."""

@@ -26,24 +26,25 @@ from qbportsync.sources.announce import (
     NotAnnouncement,
     decodeAnnouncement,
 )
+from qbportsync.sources.gatewaysource import NATPMPSource
 from qbportsync.sources.natpmp import (
     ErrorResponse,
     ExternalAddressRequest,
     ExternalAddressResponse,
     MapRequest,
     MapResponse,
-    NATPMPClient,
-    NATPMPSource,
     Response,
-    ResultCode,
     UnsupportedVersion,
     decodeRequest,
     encodeResponse,
 )
+from qbportsync.sources.natpmpclient import NATPMPClient
 from qbportsync.sources.udpclient import (
     GatewayRefused,
     GatewayTimeout,
+    Superseded,
 )
+from qbportsync.sources.wire import Result
 from tests.fakeudp import (
     GATEWAY,
     SERVER,
@@ -53,7 +54,7 @@ from tests.fakeudp import (
     dropped,
 )
 
-OK = ResultCode.SUCCESS
+OK = Result.SUCCESS
 RETRANSMIT_TIMES = [0, 0.25, 0.75, 1.75, 3.75, 7.75, 15.75, 31.75, 63.75]
 
 
@@ -117,22 +118,33 @@ class ClientTests(SynchronousTestCase):
         self.reactor.advance(1000)
         self.assertEqual(self.transport.written, [])
 
-    def test_oneInFlight(self) -> None:
-        """A second request waits until the first is answered."""
+    def test_independentRequests(self) -> None:
+        """UDP and TCP requests are pending side by side, each on its own schedule."""
+        udp = MapRequest("UDP", 6881, 6881, 60)
+        tcp = MapRequest("TCP", 6881, 6881, 60)
+        first = self.client.request(udp)
+        self.reactor.advance(0.125)
+        second = self.client.request(tcp)
+        self.assertEqual(requests(self.transport), [udp, tcp])
+        self.reactor.advance(0.125)
+        self.assertEqual(requests(self.transport)[2:], [udp])
+        reply(self.transport, MapResponse("TCP", OK, 10, 6881, 6881, 60))
+        self.assertEqual(
+            self.successResultOf(second), MapResponse("TCP", OK, 10, 6881, 6881, 60)
+        )
+        self.assertNoResult(first)
+        self.reactor.advance(0.5)
+        self.assertEqual(requests(self.transport)[3:], [udp])
+
+    def test_newerReplacesOlder(self) -> None:
+        """A request for the same mapping replaces the pending one."""
         first = self.client.request(MapRequest("UDP", 6881, 6881, 60))
-        second = self.client.request(MapRequest("TCP", 6881, 6881, 60))
-        self.assertEqual(requests(self.transport), [MapRequest("UDP", 6881, 6881, 60)])
-        self.reactor.advance(0.25)
+        second = self.client.request(MapRequest("UDP", 6881, 7000, 60))
+        self.failureResultOf(first, Superseded)
+        reply(self.transport, MapResponse("UDP", OK, 10, 6881, 7000, 60))
+        self.successResultOf(second)
+        self.reactor.advance(200)
         self.assertEqual(len(self.transport.written), 2)
-        reply(self.transport, MapResponse("UDP", OK, 10, 6881, 6881, 60))
-        self.assertEqual(
-            self.successResultOf(first), MapResponse("UDP", OK, 10, 6881, 6881, 60)
-        )
-        self.assertEqual(
-            requests(self.transport)[-1], MapRequest("TCP", 6881, 6881, 60)
-        )
-        self.assertNoResult(second)
-        self.assertEqual(len(self.transport.written), 3)
 
     def test_answerStopsRetransmission(self) -> None:
         """Once answered, nothing more is sent."""
@@ -171,7 +183,7 @@ class ClientTests(SynchronousTestCase):
         reply(self.transport, MapResponse("UDP", OK, 5, 6881, 6881, 60))
         reply(self.transport, MapResponse("TCP", OK, 5, 6882, 6881, 60))
         reply(self.transport, ExternalAddressResponse(OK, 5, "203.0.113.5"))
-        reply(self.transport, ErrorResponse(129, ResultCode.NOT_AUTHORIZED, 5))
+        reply(self.transport, ErrorResponse(129, Result.NOT_AUTHORIZED, 5))
         self.assertNoResult(d)
         self.assertEqual(dropped(self.metrics, "mismatch"), 4)
         reply(self.transport, MapResponse("TCP", OK, 6, 6881, 7000, 30))
@@ -210,10 +222,10 @@ class ClientTests(SynchronousTestCase):
     def test_errorResultIsAnAnswer(self) -> None:
         """An 8-byte error for our opcode answers the request."""
         d = self.client.request(MapRequest("UDP", 6881, 6881, 60))
-        reply(self.transport, ErrorResponse(129, ResultCode.OUT_OF_RESOURCES, 3))
+        reply(self.transport, ErrorResponse(129, Result.NO_RESOURCES, 3))
         self.assertEqual(
             self.successResultOf(d),
-            ErrorResponse(129, ResultCode.OUT_OF_RESOURCES, 3),
+            ErrorResponse(129, Result.NO_RESOURCES, 3),
         )
 
     @given(st.binary(max_size=40))
@@ -233,20 +245,21 @@ class ClientTests(SynchronousTestCase):
         self.transport.stopListening()
         self.failureResultOf(first, CancelledError)
         self.failureResultOf(second, CancelledError)
-        self.assertEqual(len(self.transport.written), 1)
+        self.assertEqual(len(self.transport.written), 2)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
-    def test_cancelStartsNext(self) -> None:
-        """Cancelling the request in flight stops it and sends the next."""
+    def test_cancelStopsOnlyThatOne(self) -> None:
+        """Cancelling one request stops its retransmissions, not the other's."""
         first = self.client.request(ExternalAddressRequest())
         second = self.client.request(MapRequest("UDP", 1, 1, 1))
         first.cancel()
-        self.failureResultOf(first)
+        self.failureResultOf(first, CancelledError)
+        self.reactor.advance(0.25)
         self.assertEqual(requests(self.transport)[-1], MapRequest("UDP", 1, 1, 1))
         reply(self.transport, MapResponse("UDP", OK, 1, 1, 1, 1))
         self.successResultOf(second)
         self.reactor.advance(200)
-        self.assertEqual(len(self.transport.written), 2)
+        self.assertEqual(len(self.transport.written), 3)
 
 
 def config(**portmap: object) -> Config:
@@ -276,7 +289,7 @@ class AnnouncementTests(SynchronousTestCase):
     def test_natpmpFailure(self) -> None:
         """With a failure result the address is ignored."""
         data = encodeResponse(
-            ExternalAddressResponse(ResultCode.NETWORK_FAILURE, 7, "0.0.0.0")
+            ExternalAddressResponse(Result.NETWORK_FAILURE, 7, "0.0.0.0")
         )
         self.assertEqual(decodeAnnouncement(data), Announcement("natpmp", 7, None))
 
@@ -331,7 +344,7 @@ class FakeGateway(ScriptedGateway[MapRequest]):
         )
         return request
 
-    def refuse(self, result: ResultCode) -> None:
+    def refuse(self, result: Result) -> None:
         request = self.last()
         reply(
             self.socket,
@@ -440,8 +453,8 @@ class FetchOnceTests(SourceTestCase):
     def test_unsupported(self) -> None:
         """Unsupported version or opcode answers mean SourceUnavailable."""
         for response in (
-            ErrorResponse(0, ResultCode.UNSUPPORTED_VERSION, 0),
-            ErrorResponse(129, ResultCode.UNSUPPORTED_OPCODE, 0),
+            ErrorResponse(0, Result.UNSUPP_VERSION, 0),
+            ErrorResponse(129, Result.UNSUPP_OPCODE, 0),
             UnsupportedVersion(2),
         ):
             source = self.makeSource()
@@ -452,15 +465,15 @@ class FetchOnceTests(SourceTestCase):
     def test_transientResults(self) -> None:
         """Refused, network failure, out of resources mean SourceError."""
         for result in (
-            ResultCode.NOT_AUTHORIZED,
-            ResultCode.NETWORK_FAILURE,
-            ResultCode.OUT_OF_RESOURCES,
+            Result.NOT_AUTHORIZED,
+            Result.NETWORK_FAILURE,
+            Result.NO_RESOURCES,
         ):
             source = self.makeSource()
             d = source.fetchOnce()
             self.gateway.refuse(result)
             failure = self.failureResultOf(d, SourceError)
-            self.assertIn(result.name.lower(), str(failure.value))
+            self.assertIn(result.value, str(failure.value))
 
     def test_noGateway(self) -> None:
         """Discovery off and no gateway set: a ConfigError naming the fix."""
@@ -614,7 +627,7 @@ class DaemonTests(SourceTestCase):
         self.reactor.advance(30)
         sent: list[float] = []
         for _ in range(3):
-            self.gateway.refuse(ResultCode.NETWORK_FAILURE)
+            self.gateway.refuse(Result.NETWORK_FAILURE)
             self.gateway.requests()
             while not self.gateway.socket.written:
                 self.reactor.advance(0.5)
@@ -628,7 +641,7 @@ class DaemonTests(SourceTestCase):
         self.mapBoth(6881, lifetime=10)
         self.reactor.advance(5)
         for _ in range(3):  # 1 s, 2 s, then 4 s capped to the 1 s left
-            self.gateway.refuse(ResultCode.NETWORK_FAILURE)
+            self.gateway.refuse(Result.NETWORK_FAILURE)
             self.gateway.requests()
             while not self.gateway.socket.written:
                 self.reactor.advance(0.25)

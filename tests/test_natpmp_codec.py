@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from qbportsync.sources.natpmp import (
+    RESULTS,
     ErrorResponse,
     ExternalAddressRequest,
     ExternalAddressResponse,
@@ -16,15 +17,15 @@ from qbportsync.sources.natpmp import (
     MapResponse,
     Request,
     Response,
-    ResultCode,
     UnsupportedVersion,
     decodeRequest,
     decodeResponse,
     encodeRequest,
     encodeResponse,
 )
-from qbportsync.sources.udpclient import (
+from qbportsync.sources.wire import (
     ParseError,
+    Result,
     UnknownResult,
     WrongLength,
     WrongOpcode,
@@ -34,8 +35,8 @@ from qbportsync.sources.udpclient import (
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 transports = st.sampled_from(["TCP", "UDP"])
-results = st.sampled_from(list(ResultCode))
-failures = st.sampled_from([r for r in ResultCode if r != ResultCode.SUCCESS])
+results = st.sampled_from(RESULTS.known)
+failures = st.sampled_from([r for r in RESULTS.known if r != Result.SUCCESS])
 addresses = st.ip_addresses(v=4).map(str)
 
 requests: st.SearchStrategy[Request] = st.one_of(
@@ -46,7 +47,7 @@ responses: st.SearchStrategy[Response] = st.one_of(
     st.builds(ExternalAddressResponse, results, u32, addresses),
     st.builds(MapResponse, transports, results, u32, u16, u16, u32),
     st.builds(ErrorResponse, st.sampled_from([128, 129, 130]), failures, u32),
-    st.builds(ErrorResponse, st.just(0), st.just(ResultCode.UNSUPPORTED_VERSION), u32),
+    st.builds(ErrorResponse, st.just(0), st.just(Result.UNSUPP_VERSION), u32),
     st.builds(UnsupportedVersion, st.integers(1, 255)),
 )
 
@@ -73,28 +74,28 @@ class ExactBytesTests(SynchronousTestCase):
         """A 12-byte address response decodes to result, epoch and address."""
         self.assertEqual(
             decodeResponse(bytes.fromhex("0080 0000 0000012c cb007105")),
-            ExternalAddressResponse(ResultCode.SUCCESS, 300, "203.0.113.5"),
+            ExternalAddressResponse(Result.SUCCESS, 300, "203.0.113.5"),
         )
 
     def test_mapResponse(self) -> None:
         """A 16-byte map response decodes to ports and granted lifetime."""
         self.assertEqual(
             decodeResponse(bytes.fromhex("0081 0000 00000007 c8d5 0400 0000003c")),
-            MapResponse("UDP", ResultCode.SUCCESS, 7, 51413, 1024, 60),
+            MapResponse("UDP", Result.SUCCESS, 7, 51413, 1024, 60),
         )
 
     def test_shortError(self) -> None:
         """An 8-byte failure (what miniupnpd sends for bad versions) decodes."""
         self.assertEqual(
             decodeResponse(bytes.fromhex("0082 0005 00000009")),
-            ErrorResponse(130, ResultCode.UNSUPPORTED_OPCODE, 9),
+            ErrorResponse(130, Result.UNSUPP_OPCODE, 9),
         )
 
     def test_rfcUnsupportedVersion(self) -> None:
         """RFC 6886's unsupported-version error has opcode 0."""
         self.assertEqual(
             decodeResponse(bytes.fromhex("0000 0001 00000002")),
-            ErrorResponse(0, ResultCode.UNSUPPORTED_VERSION, 2),
+            ErrorResponse(0, Result.UNSUPP_VERSION, 2),
         )
 
     def test_pcpUnsupportedVersion(self) -> None:

@@ -17,16 +17,16 @@ from qbportsync.interfaces import (
 )
 from qbportsync.metrics import Metrics
 from qbportsync.sources import natpmp
+from qbportsync.sources.gatewaysource import PCPSource
 from qbportsync.sources.pcp import (
     AnnounceResponse,
     MapRequest,
     MapResponse,
-    PCPSource,
-    ResultCode,
     UnsupportedVersion,
     decodeRequest,
     encodeResponse,
 )
+from qbportsync.sources.wire import Result
 from tests.fakeudp import (
     GATEWAY,
     SERVER,
@@ -37,7 +37,7 @@ from tests.fakeudp import (
 )
 
 CLIENT = "198.51.100.2"
-OK = ResultCode.SUCCESS
+OK = Result.SUCCESS
 
 
 def config(**portmap: object) -> Config:
@@ -58,9 +58,7 @@ class FakeGateway(ScriptedGateway[MapRequest]):
     def decode(self, data: bytes) -> object:
         return decodeRequest(data)
 
-    def answer(
-        self, request: MapRequest, result: ResultCode, port: int, life: int
-    ) -> None:
+    def answer(self, request: MapRequest, result: Result, port: int, life: int) -> None:
         self.send(
             encodeResponse(
                 MapResponse(
@@ -84,7 +82,7 @@ class FakeGateway(ScriptedGateway[MapRequest]):
         )
         return request
 
-    def refuse(self, result: ResultCode, lifetime: int = 0) -> MapRequest:
+    def refuse(self, result: Result, lifetime: int = 0) -> MapRequest:
         request = self.last()
         self.answer(request, result, 0, lifetime)
         return request
@@ -99,7 +97,7 @@ class FakeGateway(ScriptedGateway[MapRequest]):
             natpmp.encodeResponse(
                 natpmp.MapResponse(
                     request.protocol,
-                    natpmp.ResultCode.SUCCESS,
+                    Result.SUCCESS,
                     self.now(),
                     request.internalPort,
                     port,
@@ -271,14 +269,14 @@ class FetchOnceTests(SourceTestCase):
         """A PCP error answer is a PCP answer: SourceError, no NAT-PMP."""
         source = self.makeSource(protocol="UDP")
         d = source.fetchOnce()
-        self.gateway.refuse(ResultCode.NO_RESOURCES, 30)
+        self.gateway.refuse(Result.NO_RESOURCES, 30)
         failure = self.failureResultOf(d, SourceError)
         self.assertIn("NO_RESOURCES", str(failure.value))
         self.assertEqual(source.name, "pcp")
 
     def test_unsupportedProtocol(self) -> None:
         """UNSUPP_PROTOCOL and UNSUPP_OPCODE mean SourceUnavailable (exit 3)."""
-        for result in (ResultCode.UNSUPP_PROTOCOL, ResultCode.UNSUPP_OPCODE):
+        for result in (Result.UNSUPP_PROTOCOL, Result.UNSUPP_OPCODE):
             source = self.makeSource(protocol="UDP")
             d = source.fetchOnce()
             self.gateway.refuse(result)
@@ -332,14 +330,14 @@ class DaemonTests(SourceTestCase):
     def test_errorLifetimeRespected(self) -> None:
         """After NO_RESOURCES with lifetime 30, the request waits 30 s."""
         self.started(protocol="UDP")
-        self.gateway.refuse(ResultCode.NO_RESOURCES, 30)
+        self.gateway.refuse(Result.NO_RESOURCES, 30)
         self.gateway.requests()
         self.assertEqual(self.sendTimes(30.0), [30.0])
 
     def test_shortErrorLifetime(self) -> None:
         """An error without lifetime is retried on the quick backoff."""
         self.started(protocol="UDP")
-        self.gateway.refuse(ResultCode.NETWORK_FAILURE, 0)
+        self.gateway.refuse(Result.NETWORK_FAILURE, 0)
         self.gateway.requests()
         self.assertEqual(self.sendTimes(1.0), [1.0])
 

@@ -1,4 +1,4 @@
-"""The PCP wire codec, epoch rule and schedules: pure functions, no I/O."""
+"""The PCP wire codec, result codes, epoch rule and schedules: pure, no I/O."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from qbportsync.sources.lease import (
-    EpochSample,
-)
+from qbportsync.sources import natpmp
 from qbportsync.sources.pcp import (
+    RESULTS,
     AnnounceRequest,
     AnnounceResponse,
     MalformedOption,
@@ -20,7 +19,6 @@ from qbportsync.sources.pcp import (
     MapResponse,
     Request,
     Response,
-    ResultCode,
     UnknownProtocol,
     UnsupportedVersion,
     WrongDirection,
@@ -29,13 +27,17 @@ from qbportsync.sources.pcp import (
     encodeRequest,
     encodeResponse,
     epochInvalid,
+)
+from qbportsync.sources.pcpclient import (
     probeWaits,
     renewalPoint,
     renewalWaits,
     retransmissions,
 )
-from qbportsync.sources.udpclient import (
+from qbportsync.sources.wire import (
+    EpochSample,
     ParseError,
+    Result,
     UnknownResult,
     WrongLength,
     WrongOpcode,
@@ -47,7 +49,7 @@ u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 nonces = st.binary(min_size=12, max_size=12)
 transports = st.sampled_from(["TCP", "UDP"])
-results = st.sampled_from(list(ResultCode))
+results = st.sampled_from(RESULTS.known)
 addresses = st.one_of(
     st.ip_addresses(v=4).map(str),
     # IPv4-mapped ones decode as dotted IPv4, by design.
@@ -65,7 +67,7 @@ responses: st.SearchStrategy[Response] = st.one_of(
 )
 
 MAP_RESPONSE = MapResponse(
-    ResultCode.SUCCESS, 120, 7, NONCE, "TCP", 6881, 1024, "203.0.113.5"
+    Result.SUCCESS, 120, 7, NONCE, "TCP", 6881, 1024, "203.0.113.5"
 )
 
 
@@ -95,7 +97,7 @@ class ExactBytesTests(SynchronousTestCase):
 
     def test_announce(self) -> None:
         """ANNOUNCE responses are the 24-byte header alone."""
-        data = encodeResponse(AnnounceResponse(ResultCode.SUCCESS, 0, 99))
+        data = encodeResponse(AnnounceResponse(Result.SUCCESS, 0, 99))
         self.assertEqual(data.hex(), "028000000000000000000063" + "00" * 12)
 
     def test_natpmpUnsupportedVersion(self) -> None:
@@ -108,7 +110,7 @@ class ExactBytesTests(SynchronousTestCase):
         """Addresses that are not IPv4-mapped stay IPv6."""
         response = decodeResponse(
             encodeResponse(
-                MapResponse(ResultCode.SUCCESS, 1, 2, NONCE, "UDP", 1, 2, "2001:db8::1")
+                MapResponse(Result.SUCCESS, 1, 2, NONCE, "UDP", 1, 2, "2001:db8::1")
             )
         )
         assert isinstance(response, MapResponse)
@@ -168,7 +170,7 @@ class ValidationTests(SynchronousTestCase):
 
     def test_shortMap(self) -> None:
         """A MAP response without its 36-byte body cannot be matched."""
-        data = bytearray(encodeResponse(AnnounceResponse(ResultCode.SUCCESS, 0, 1)))
+        data = bytearray(encodeResponse(AnnounceResponse(Result.SUCCESS, 0, 1)))
         data[1] = 0x81
         self.assertRaises(WrongLength, decodeResponse, bytes(data))
 
@@ -193,19 +195,49 @@ class ValidationTests(SynchronousTestCase):
         response = decodeResponse(
             encodeResponse(
                 MapResponse(
-                    ResultCode.NO_RESOURCES, 30, 5, NONCE, "TCP", 6881, 0, "0.0.0.0"
+                    Result.NO_RESOURCES, 30, 5, NONCE, "TCP", 6881, 0, "0.0.0.0"
                 )
             )
         )
         assert isinstance(response, MapResponse)
         self.assertEqual(
-            (response.result, response.lifetime), (ResultCode.NO_RESOURCES, 30)
+            (response.result, response.lifetime), (Result.NO_RESOURCES, 30)
         )
 
     def test_requestChecks(self) -> None:
         """decodeRequest (for fakes) rejects responses and other versions."""
         self.assertRaises(WrongDirection, decodeRequest, encodeResponse(MAP_RESPONSE))
         self.assertRaises(WrongVersion, decodeRequest, b"\x00" * 60)
+
+
+class ResultTests(SynchronousTestCase):
+    """One result type for both protocols, each with its own numbering."""
+
+    def test_sameMeaningSameResult(self) -> None:
+        """NAT-PMP's 4 and PCP's 8 are both "out of resources"."""
+        self.assertIs(natpmp.RESULTS.decode(130, 4), Result.NO_RESOURCES)
+        self.assertIs(RESULTS.decode(1, 8), Result.NO_RESOURCES)
+        self.assertEqual(
+            (
+                natpmp.RESULTS.encode(Result.NOT_AUTHORIZED),
+                RESULTS.encode(Result.NOT_AUTHORIZED),
+            ),
+            (2, 2),
+        )
+
+    def test_natpmpLacksPCPResults(self) -> None:
+        """NAT-PMP has no number for PCP-only results; PCP has all of them."""
+        self.assertNotIn(Result.ADDRESS_MISMATCH, natpmp.RESULTS.known)
+        self.assertEqual(set(RESULTS.known), set(Result))
+
+    def test_classes(self) -> None:
+        """Unsupported results are permanent; resource shortages are not."""
+        self.assertTrue(Result.UNSUPP_OPCODE.unsupported)
+        self.assertTrue(Result.UNSUPP_OPCODE.permanent)
+        self.assertTrue(Result.NOT_AUTHORIZED.permanent)
+        self.assertFalse(Result.NOT_AUTHORIZED.unsupported)
+        self.assertFalse(Result.NO_RESOURCES.permanent)
+        self.assertFalse(Result.NETWORK_FAILURE.permanent)
 
 
 class RoundTripTests(SynchronousTestCase):

@@ -22,8 +22,7 @@ from qbportsync.config import Config, ListenConfig, ProtonVPNConfig
 from qbportsync.metrics import Metrics
 from qbportsync.sdnotify import SystemdNotifier
 from qbportsync.sources.auto import AutoSource
-from qbportsync.sources.natpmp import NATPMPSource
-from qbportsync.sources.pcp import PCPSource
+from qbportsync.sources.gatewaysource import NATPMPSource, PCPSource
 from qbportsync.sources.portfile import PortFileSource
 from qbportsync.sync import PortSync
 from qbportsync.tap import (

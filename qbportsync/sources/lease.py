@@ -7,7 +7,6 @@ everything when the gateway's epoch says it forgot us.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred
@@ -18,13 +17,13 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from qbportsync.backoff import Backoff
 from qbportsync.config import Protocol as MappedProtocols
 from qbportsync.metrics import Metrics
 from qbportsync.sources.udpclient import GatewayRefusal
+from qbportsync.sources.wire import EpochSample, IPProto
 
 _log = Logger()
-
-Transport = Literal["TCP", "UDP"]
 
 RESET_DELAY_MAX = 5.0
 """Seconds; a random wait up to this spreads remaps after a reboot (RFC 6886 §3.7)."""
@@ -36,7 +35,7 @@ RETRY_MAX = 15.0
 class Grant:
     """One mapping the gateway granted."""
 
-    protocol: Transport
+    protocol: IPProto
     internalPort: int
     externalPort: int
     lifetime: int
@@ -52,14 +51,14 @@ class MappedPort:
     grants: tuple[Grant, ...]
 
 
-MapOne = Callable[[Transport, int], Deferred[Grant]]
+MapOne = Callable[[IPProto, int], Deferred[Grant]]
 """Map C{protocol} suggesting an external port; the protocol's own request."""
 
 
 async def mapProtocols(
     mapOne: MapOne,
     protocol: MappedProtocols,
-    suggest: Callable[[Transport], int],
+    suggest: Callable[[IPProto], int],
     metrics: Metrics,
 ) -> MappedPort:
     """
@@ -90,14 +89,6 @@ async def mapProtocols(
     return MappedPort(tcp.externalPort, min(udp.lifetime, tcp.lifetime), (udp, tcp))
 
 
-@frozen
-class EpochSample:
-    epoch: int
-    """The gateway's seconds since its mapping table was created."""
-    at: float
-    """Our clock when it arrived."""
-
-
 EpochRule = Callable[[EpochSample, EpochSample], bool]
 """True when the new sample shows the gateway lost its state since the last."""
 
@@ -122,9 +113,9 @@ def halfLifetime(lifetime: float) -> float:
 
 class LeaseKeeper:
     """
-    Map, then renew at C{renewAt(lifetime)}; on failure retry after 1, 2, 4…
-    seconds (at most 15, and never past the end of the current lease); on a
-    gateway reset, remap after a random 0–5 s.
+    Map, then renew at C{renewAt(lifetime)}; on failure retry after the
+    L{Backoff}'s 1, 2, 4… seconds (at most 15, and never past the end of the
+    current lease); on a gateway reset, remap after a random 0–5 s.
     """
 
     def __init__(
@@ -149,7 +140,7 @@ class LeaseKeeper:
         self._resetPending = False
         self._inFlight: Deferred[MappedPort] | None = None
         self._again = False
-        self._failures = 0
+        self._backoff = Backoff(RETRY_FIRST, RETRY_MAX, rnd=random)
         self._running = False
         self.expires: float | None = None
         """Our clock's time when the current lease ends; None before the first."""
@@ -195,9 +186,9 @@ class LeaseKeeper:
         d = self._inFlight = self._remap()
         d.addCallbacks(self._mapped, self._failed)
         d.addErrback(lambda f: _log.failure("handling a new mapping failed", failure=f))
-        d.addBoth(self._settled)
+        d.addBoth(self._requestDone)
 
-    def _settled(self, result: object) -> None:
+    def _requestDone(self, result: object) -> None:
         self._inFlight = None
         if self._again and self._running:
             self._again = False
@@ -206,7 +197,7 @@ class LeaseKeeper:
 
     def _mapped(self, mapped: MappedPort) -> None:
         now = self._reactor.seconds()
-        self._failures = 0
+        self._backoff.reset()
         if mapped.lifetime > 0:
             self.expires = now + mapped.lifetime
             delay = self._renewAt(mapped.lifetime)
@@ -220,9 +211,7 @@ class LeaseKeeper:
     def _failed(self, failure: Failure) -> None:
         if failure.check(CancelledError) or not self._running:
             return
-        self._failures += 1
-        # The exponent is capped: a float overflows after ~1000 failures.
-        delay = min(RETRY_FIRST * 2.0 ** min(self._failures - 1, 16), RETRY_MAX)
+        delay = self._backoff.next()
         left = None if self.expires is None else self.expires - self._reactor.seconds()
         if left is not None and left > 0:
             delay = min(delay, left)
@@ -233,7 +222,7 @@ class LeaseKeeper:
             "lease {lease}",
             source=self._name,
             error=failure.getErrorMessage(),
-            attempt=self._failures + 1,
+            attempt=self._backoff.failures + 1,
             delay=delay,
             lease="expired" if left is None or left <= 0 else f"ends in {left:.0f}s",
         )

@@ -1,13 +1,13 @@
 """
-Talking to a NAT-PMP or PCP gateway over a connected UDP socket: one request
-in flight, retransmitted on the protocol's schedule, answers accepted only
-from the gateway's address and port.  Also the errors both protocols share.
+Talking to a NAT-PMP or PCP gateway over a connected UDP socket: requests
+pending side by side, each keyed by what identifies it and retransmitted on
+its own schedule, answers accepted only from the gateway's address and port.
+Also the errors both protocols share.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -24,43 +24,9 @@ from qbportsync.interfaces import (
     SourceUnavailable,
 )
 from qbportsync.metrics import Metrics
+from qbportsync.sources.wire import SERVER_PORT, ParseError
 
 _log = Logger()
-
-SERVER_PORT = 5351
-"""NAT-PMP and PCP servers share this port (RFC 6887 §19.1)."""
-
-
-class ParseError(Exception):
-    """A datagram that is not a well-formed message of the protocol spoken."""
-
-    reason = "malformed"
-    """Label for the datagrams_dropped metric."""
-
-
-class WrongLength(ParseError):
-    """Not a length the protocol allows for this message."""
-
-    reason = "length"
-
-
-class WrongVersion(ParseError):
-    reason = "version"
-
-
-class WrongOpcode(ParseError):
-    reason = "opcode"
-
-
-class UnknownResult(ParseError):
-    """A result code the RFC does not define: fatal for the request it answers."""
-
-    reason = "result"
-
-    def __init__(self, opcode: int, result: int) -> None:
-        super().__init__(f"unknown result code {result} for opcode {opcode}")
-        self.opcode = opcode
-        self.result = result
 
 
 class GatewayTimeout(SourceUnavailable):
@@ -73,6 +39,10 @@ class GatewayRefused(SourceUnavailable):
 
 class WrongProtocol(SourceUnavailable):
     """The gateway answered in another protocol version (RFC 6887 §9)."""
+
+
+class Superseded(SourceError):
+    """A newer request for the same mapping took this one's place."""
 
 
 class GatewayRefusal(SourceError):
@@ -91,6 +61,8 @@ ResponseT = TypeVar("ResponseT")
 
 
 class _Pending(Generic[RequestT, ResponseT]):
+    """One request waiting for its answer, and its retransmission timer."""
+
     def __init__(
         self,
         request: RequestT,
@@ -101,13 +73,20 @@ class _Pending(Generic[RequestT, ResponseT]):
         self.deferred = deferred
         self.waits = waits
         self.sent = 0
+        self.timer: IDelayedCall | None = None
+
+    def stopTimer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
 
 
 class GatewayClient(DatagramProtocol, Generic[RequestT, ResponseT]):
     """
-    Talks to one gateway over a connected UDP socket: one request in flight,
-    sent again after each wait of its schedule until answered, others queued.
-    A protocol supplies the codec and the matching rule.
+    Talks to one gateway over a connected UDP socket, in the manner of
+    twisted.names' C{DNSMixin}: each request pending under its own key,
+    sent again after each wait of its schedule until answered.  A protocol
+    supplies the codec, the key and the matching rule.
     """
 
     protocolName = ""
@@ -124,9 +103,11 @@ class GatewayClient(DatagramProtocol, Generic[RequestT, ResponseT]):
         self.gateway = gateway
         self._metrics = metrics
         self._onEpoch = onEpoch
-        self._queue: deque[_Pending[RequestT, ResponseT]] = deque()
-        self._current: _Pending[RequestT, ResponseT] | None = None
-        self._timer: IDelayedCall | None = None
+        self._pending: dict[Hashable, _Pending[RequestT, ResponseT]] = {}
+
+    def keyOf(self, request: RequestT) -> Hashable:
+        """What identifies C{request}: a newer one with the same key replaces it."""
+        raise NotImplementedError()
 
     def encode(self, request: RequestT) -> bytes:
         raise NotImplementedError()
@@ -146,7 +127,7 @@ class GatewayClient(DatagramProtocol, Generic[RequestT, ResponseT]):
         return False
 
     def unmatched(self, response: ResponseT, reason: str) -> None:
-        """A valid response that answers nothing in flight: dropped by default."""
+        """A valid response that answers nothing pending: dropped by default."""
         self.drop(reason)
 
     def startProtocol(self) -> None:
@@ -154,10 +135,7 @@ class GatewayClient(DatagramProtocol, Generic[RequestT, ResponseT]):
         self.transport.connect(self.gateway, SERVER_PORT)
 
     def stopProtocol(self) -> None:
-        # Empty the queue first, so cancelling the current request starts no other.
-        pending = [*([self._current] if self._current else []), *self._queue]
-        self._queue.clear()
-        for each in pending:
+        for each in list(self._pending.values()):
             each.deferred.cancel()
 
     def send(self, request: RequestT, waits: Iterable[float]) -> Deferred[ResponseT]:
@@ -167,56 +145,48 @@ class GatewayClient(DatagramProtocol, Generic[RequestT, ResponseT]):
         L{GatewayTimeout} when the waits run out, L{GatewayRefused} or
         L{SourceError}.
         """
-        d: Deferred[ResponseT] = Deferred(self._cancel)
-        self._queue.append(_Pending(request, d, iter(waits)))
-        if self._current is None:
-            self._next()
+        key = self.keyOf(request)
+        older = self._pending.pop(key, None)
+        if older is not None:
+            older.stopTimer()
+            older.deferred.errback(Superseded("a newer request replaced this one"))
+        pending: _Pending[RequestT, ResponseT]
+        d: Deferred[ResponseT] = Deferred(lambda d: self._forget(key, pending))
+        pending = _Pending(request, d, iter(waits))
+        self._pending[key] = pending
+        self._send(key, pending)
         return d
 
-    def _cancel(self, d: Deferred[ResponseT]) -> None:
-        if self._current is not None and self._current.deferred is d:
-            self._finish()
-            self._next()
-        else:
-            self._queue = deque(p for p in self._queue if p.deferred is not d)
+    def _forget(self, key: Hashable, pending: _Pending[RequestT, ResponseT]) -> None:
+        pending.stopTimer()
+        if self._pending.get(key) is pending:
+            del self._pending[key]
 
-    def _next(self) -> None:
-        if self._current is not None or not self._queue:
-            return
-        self._current = self._queue.popleft()
-        self._send()
-
-    def _send(self) -> None:
-        current = self._current
-        assert current is not None and self.transport is not None
-        wait = next(current.waits, None)
+    def _send(self, key: Hashable, pending: _Pending[RequestT, ResponseT]) -> None:
+        assert self.transport is not None
+        pending.timer = None
+        wait = next(pending.waits, None)
         if wait is None:
             self._fail(
+                key,
                 GatewayTimeout(
                     f"gateway {self.gateway} did not answer {self.protocolName} "
-                    f"after {current.sent} tries"
-                )
+                    f"after {pending.sent} tries"
+                ),
             )
             return
-        current.sent += 1
-        self._timer = self._reactor.callLater(wait, self._send)
+        pending.sent += 1
+        pending.timer = self._reactor.callLater(wait, self._send, key, pending)
         try:
-            self.transport.write(self.encode(current.request), None)
+            self.transport.write(self.encode(pending.request), None)
         except OSError as e:
-            self._fail(SourceError(f"cannot send to gateway {self.gateway}: {e}"))
+            self._fail(key, SourceError(f"cannot send to gateway {self.gateway}: {e}"))
 
-    def _finish(self) -> _Pending[RequestT, ResponseT] | None:
-        current, self._current = self._current, None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        return current
-
-    def _fail(self, error: Exception) -> None:
-        current = self._finish()
-        if current is not None:
-            current.deferred.errback(error)
-        self._next()
+    def _fail(self, key: Hashable, error: Exception) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.stopTimer()
+            pending.deferred.errback(error)
 
     def drop(self, reason: str, source: str = "") -> None:
         """Count and log a datagram we ignore."""
@@ -231,36 +201,38 @@ class GatewayClient(DatagramProtocol, Generic[RequestT, ResponseT]):
         if addr != (self.gateway, SERVER_PORT):
             self.drop("stranger", f"{addr[0]}:{addr[1]}")
             return
-        current = self._current
         try:
             response = self.decode(datagram)
         except ParseError as e:
             self._metrics.errors.labels(kind="parse").inc()
             self.drop(e.reason)
-            if current is not None and self.fatal(e, current.request):
-                self._fail(SourceError(f"gateway {self.gateway} sent {e}"))
+            for key, pending in list(self._pending.items()):
+                if self.fatal(e, pending.request):
+                    self._fail(key, SourceError(f"gateway {self.gateway} sent {e}"))
             return
-        if current is None:
-            self.unmatched(response, "unexpected")
-            return
-        if not self.answers(current.request, response):
-            self.unmatched(response, "mismatch")
+        answered = [
+            key
+            for key, pending in self._pending.items()
+            if self.answers(pending.request, response)
+        ]
+        if not answered:
+            self.unmatched(response, "mismatch" if self._pending else "unexpected")
             return
         epoch = self.epochOf(response)
         if epoch is not None:
             self._onEpoch(epoch)
-        self._finish()
-        current.deferred.callback(response)
-        self._next()
+        for key in answered:
+            pending = self._pending.pop(key)
+            pending.stopTimer()
+            pending.deferred.callback(response)
 
     def connectionRefused(self) -> None:
-        if self._current is not None:
-            self._fail(
-                GatewayRefused(
-                    f"gateway {self.gateway} refused {self.protocolName} "
-                    "(ICMP port unreachable)"
-                )
-            )
+        refused = GatewayRefused(
+            f"gateway {self.gateway} refused {self.protocolName} "
+            "(ICMP port unreachable)"
+        )
+        for key in list(self._pending):
+            self._fail(key, refused)
 
 
 async def closePort(port: IListeningPort) -> None:

@@ -1,18 +1,16 @@
 """
-A port source that asks the gateway: NAT-PMP and PCP differ on the wire but
-not here.  A protocol supplies a L{Session} (its own requests, epoch rule and
-renewal point) built on L{GatewayClient}; L{GatewaySource} does the rest --
-gateway discovery, the internal port, the lease, announcements, release on
-exit -- trying the protocols in order until one answers.
+The port sources that ask the gateway: NAT-PMP and PCP differ on the wire
+but not here.  A protocol supplies a L{Mapper} (its own requests, epoch rule
+and renewal point); L{GatewaySource} does the rest -- gateway discovery, the
+internal port, the lease, announcements, release on exit -- trying the
+protocols in order until one answers.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
-from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -39,78 +37,27 @@ from qbportsync.sources.announce import (
 )
 from qbportsync.sources.gateway import resolveBindAddress, resolveGateway
 from qbportsync.sources.lease import (
-    EpochSample,
     EpochTracker,
     Grant,
     LeaseKeeper,
     MappedPort,
-    Transport,
     halfLifetime,
     mapProtocols,
 )
+from qbportsync.sources.mapper import Mapper, MapperContext, MappingMethod
+from qbportsync.sources.natpmpclient import NATPMP
+from qbportsync.sources.pcpclient import PCP
 from qbportsync.sources.udpclient import (
     GatewayTimeout,
     WrongProtocol,
     closePort,
 )
+from qbportsync.sources.wire import EpochSample, IPProto
 
 _log = Logger()
 
 DEFAULT_INTERNAL_PORT = 51413
 """Internal port when config says automatic and qBittorrent cannot tell us."""
-
-
-@frozen
-class SessionContext:
-    """What a protocol needs to open a session with the gateway."""
-
-    reactor: IReactorTime
-    gateway: str
-    bindAddress: str
-    metrics: Metrics
-    random: Callable[[], float]
-    onEpoch: Callable[[int], object]
-    """Every epoch the gateway reports, for the source's epoch rule."""
-    onChange: Callable[[], object]
-    """The gateway said, unasked, that one of our mappings changed."""
-
-
-class Session(Protocol):
-    """One protocol's conversation with the gateway over one socket."""
-
-    name: str
-    """Short name for logs and JSON: "natpmp", "pcp"."""
-
-    def mapOne(
-        self, protocol: Transport, internalPort: int, suggested: int, lifetime: int
-    ) -> Deferred[Grant]:
-        """Create or renew a mapping; fails with SourceError/SourceUnavailable."""
-
-    def release(self, protocol: Transport, internalPort: int) -> Deferred[None]:
-        """Delete the mapping, trying only briefly."""
-
-    def renewAt(self, lifetime: float) -> float:
-        """Seconds after a grant of C{lifetime} seconds to renew it."""
-
-    def isEpochReset(self, last: EpochSample, new: EpochSample) -> bool:
-        """The protocol's rule: did the gateway lose its state?"""
-
-    def heard(self, datagram: bytes) -> None:
-        """A datagram from the gateway on the announcement port, not an announcement."""
-
-    def close(self) -> Deferred[None]:
-        """Close the socket, cancelling every request."""
-
-
-SessionFactory = Callable[[SessionContext], Session]
-
-
-@frozen
-class MappingProtocol:
-    """A protocol the source may speak: its name and how to open a session."""
-
-    name: str
-    open: SessionFactory
 
 
 @implementer(IPortSource)
@@ -126,7 +73,7 @@ class GatewaySource:
         config: Config,
         metrics: Metrics,
         sinkPort: Callable[[], Deferred[int]],
-        protocols: Sequence[MappingProtocol],
+        protocols: Sequence[MappingMethod],
         *,
         random: Callable[[], float] = random.random,
     ) -> None:
@@ -136,15 +83,15 @@ class GatewaySource:
         self._sinkPort = sinkPort
         self._protocols = protocols
         self._index = 0
-        self._settled = False
+        self._protocolChosen = False
         self._fallback = ""
         self._random = random
         self._internalPort: int | None = None
-        self._granted: dict[Transport, int] = {}
+        self._granted: dict[IPProto, int] = {}
         self._lastPort: int | None = None
         self._epochs = EpochTracker(self._isEpochReset)
         self._externalAddress: str | None = None
-        self._session: Session | None = None
+        self._mapper: Mapper | None = None
         self._gateway = ""
         self._bindAddress = ""
         self._ports: list[IListeningPort] = []
@@ -181,9 +128,9 @@ class GatewaySource:
         try:
             mapped = await self._negotiate()
         except Exception:
-            await self._closeSession()
+            await self._closeMapper()
             raise
-        await self._closeSession()
+        await self._closeMapper()
         return self._forwarded(mapped)
 
     async def _remap(self) -> MappedPort:
@@ -193,15 +140,15 @@ class GatewaySource:
         while True:
             # The gateway first: a configuration that names none fails at
             # once, before qBittorrent is asked for its port.
-            session = self._session or await self._open()
+            mapper = self._mapper or await self._open()
             await self._chooseInternalPort()
             try:
-                mapped = await self._mapAll(session)
+                mapped = await self._mapAll(mapper)
             except (WrongProtocol, GatewayTimeout) as e:
-                if self._settled or self._index + 1 == len(self._protocols):
+                if self._protocolChosen or self._index + 1 == len(self._protocols):
                     raise
                 tried = self.name
-                await self._closeSession()
+                await self._closeMapper()
                 self._index += 1
                 self._fallback = f"fell back from {tried}: {e}"
                 _log.info(
@@ -211,15 +158,15 @@ class GatewaySource:
                     protocol=self.name,
                 )
                 continue
-            self._settled = True
+            self._protocolChosen = True
             return mapped
 
-    async def _open(self) -> Session:
+    async def _open(self) -> Mapper:
         self._gateway = await resolveGateway(self._reactor, self._config)
         self._bindAddress = resolveBindAddress(self._config)
         self._epochs = EpochTracker(self._isEpochReset)
-        self._session = self._protocols[self._index].open(
-            SessionContext(
+        self._mapper = self._protocols[self._index].open(
+            MapperContext(
                 self._reactor,
                 self._gateway,
                 self._bindAddress,
@@ -232,12 +179,12 @@ class GatewaySource:
         if self._keeper is not None and not self._listening:
             self._listening = True
             self._listenForAnnouncements(self._gateway)
-        return self._session
+        return self._mapper
 
-    async def _closeSession(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+    async def _closeMapper(self) -> None:
+        mapper, self._mapper = self._mapper, None
+        if mapper is not None:
+            await mapper.close()
 
     def _listenForAnnouncements(self, gateway: str) -> None:
         listener = AnnouncementListener(
@@ -260,16 +207,16 @@ class GatewaySource:
             )
 
     def _heard(self, datagram: bytes) -> None:
-        if self._session is not None:
-            self._session.heard(datagram)
+        if self._mapper is not None:
+            self._mapper.heard(datagram)
 
     def _renewAt(self, lifetime: float) -> float:
-        if self._session is None:
+        if self._mapper is None:
             return halfLifetime(lifetime)
-        return self._session.renewAt(lifetime)
+        return self._mapper.renewAt(lifetime)
 
     def _isEpochReset(self, last: EpochSample, new: EpochSample) -> bool:
-        return self._session is not None and self._session.isEpochReset(last, new)
+        return self._mapper is not None and self._mapper.isEpochReset(last, new)
 
     async def _chooseInternalPort(self) -> int:
         if self._internalPort is None:
@@ -292,27 +239,25 @@ class GatewaySource:
             return port
         return DEFAULT_INTERNAL_PORT
 
-    def _suggest(self, protocol: Transport) -> int:
+    def _suggest(self, protocol: IPProto) -> int:
         # First request suggests external = internal; renewals the last grant.
         assert self._internalPort is not None
         return self._granted.get(protocol, self._internalPort)
 
-    async def _mapAll(self, session: Session) -> MappedPort:
+    async def _mapAll(self, mapper: Mapper) -> MappedPort:
         return await mapProtocols(
             lambda protocol, suggested: Deferred.fromCoroutine(
-                self._mapOne(session, protocol, suggested)
+                self._mapOne(mapper, protocol, suggested)
             ),
             self._config.portmap.protocol,
             self._suggest,
             self._metrics,
         )
 
-    async def _mapOne(
-        self, session: Session, protocol: Transport, suggested: int
-    ) -> Grant:
+    async def _mapOne(self, mapper: Mapper, protocol: IPProto, suggested: int) -> Grant:
         assert self._internalPort is not None
         try:
-            grant = await session.mapOne(
+            grant = await mapper.mapOne(
                 protocol,
                 self._internalPort,
                 suggested,
@@ -378,19 +323,19 @@ class GatewaySource:
     async def _stop(self) -> None:
         if self._keeper is not None:
             self._keeper.stop()
-        session = self._session
-        if self._config.portmap.release_on_exit and session is not None:
-            await self._release(session)
-        await self._closeSession()
+        mapper = self._mapper
+        if self._config.portmap.release_on_exit and mapper is not None:
+            await self._release(mapper)
+        await self._closeMapper()
         ports, self._ports, self._listening = self._ports, [], False
         for port in ports:
             await closePort(port)
 
-    async def _release(self, session: Session) -> None:
+    async def _release(self, mapper: Mapper) -> None:
         assert self._internalPort is not None
         for protocol in list(self._granted):
             try:
-                await session.release(protocol, self._internalPort)
+                await mapper.release(protocol, self._internalPort)
             except (SourceError, SourceUnavailable) as e:
                 _log.warn(
                     "could not delete our {protocol} mapping: {error}",
@@ -400,3 +345,38 @@ class GatewaySource:
             else:
                 del self._granted[protocol]
                 _log.info("deleted our {protocol} mapping", protocol=protocol)
+
+
+class NATPMPSource(GatewaySource):
+    """The forwarded port as a NAT-PMP gateway grants it, kept alive."""
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        config: Config,
+        metrics: Metrics,
+        sinkPort: Callable[[], Deferred[int]],
+        *,
+        random: Callable[[], float] = random.random,
+    ) -> None:
+        super().__init__(reactor, config, metrics, sinkPort, [NATPMP], random=random)
+
+
+class PCPSource(GatewaySource):
+    """
+    The forwarded port as a PCP gateway grants it, kept alive; a gateway
+    that answers in NAT-PMP or not at all is asked with NAT-PMP instead.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        config: Config,
+        metrics: Metrics,
+        sinkPort: Callable[[], Deferred[int]],
+        *,
+        random: Callable[[], float] = random.random,
+    ) -> None:
+        super().__init__(
+            reactor, config, metrics, sinkPort, [PCP, NATPMP], random=random
+        )
