@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, TextIO
 
 from attrs import frozen
@@ -18,7 +18,9 @@ from twisted.logger import LogLevel, globalLogBeginner
 from twisted.python import usage
 
 from qbportsync.config import ConfigError, loadConfig
+from qbportsync.hooks import ChangeHook
 from qbportsync.interfaces import (
+    ApplyResult,
     IPortSink,
     IPortSource,
     SourceError,
@@ -76,9 +78,15 @@ class Outcome:
 
 
 async def applyOnce(
-    source: IPortSource, sink: IPortSink, bindInterface: str
+    source: IPortSource,
+    sink: IPortSink,
+    bindInterface: str,
+    onNewPort: Callable[[ApplyResult], object] = lambda result: None,
 ) -> Outcome:
-    """Learn the port once, apply it, read it back."""
+    """
+    Learn the port once, apply it, read it back; call C{onNewPort} when
+    qBittorrent verifiably took a new port.
+    """
     try:
         forwarded = await source.fetchOnce()
     except ConfigError as e:
@@ -92,6 +100,8 @@ async def applyOnce(
     except QBittorrentError as e:
         return Outcome(EXIT_TRANSIENT, source.name, forwarded.port, note=str(e))
     notes = [n for n in (forwarded.note, result.note) if n]
+    if result.verified and result.applied and result.previous != result.port:
+        onNewPort(result)
     if not result.verified:
         notes.append(f"qBittorrent did not keep port {forwarded.port}")
     return Outcome(
@@ -122,7 +132,20 @@ async def oneShot(
         except SourceUnavailable as e:
             outcome = Outcome(EXIT_UNSUPPORTED, options["strategy"], note=str(e))
         else:
-            outcome = await applyOnce(source, sink, config.net.bind_interface)
+            hook = ChangeHook(
+                reactor,
+                config.hooks.on_change,
+                config.hooks.hook_timeout_secs,
+                Metrics.create(),
+                environ,
+            )
+            outcome = await applyOnce(
+                source,
+                sink,
+                config.net.bind_interface,
+                hook.onNewPort(source.name, config.net.bind_interface),
+            )
+            await hook.whenIdle()
     if options["json"]:
         print(outcome.asJSON(), file=out)
     else:

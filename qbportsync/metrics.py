@@ -30,6 +30,10 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     "gluetun",
 )
 
+HOOK_RESULTS = ("ok", "failed", "timeout", "error")
+"""How an on-change hook run ended: exit 0; non-zero exit or a signal;
+stopped at its timeout; could not be started."""
+
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 """The media type of what L{Metrics.exposition} returns."""
 
@@ -68,6 +72,8 @@ class Metrics:
     datagrams_dropped: Counter
     apply_duration: Histogram
     qbittorrent_up: Gauge
+    hook_runs: Counter
+    hook_duration: Histogram
 
     def exposition(self) -> bytes:
         """The Prometheus text format (L{CONTENT_TYPE}) of every metric."""
@@ -89,6 +95,15 @@ class Metrics:
         )
         for kind in ERROR_KINDS:
             errors.labels(kind=kind)
+        hookRuns = Counter(
+            "hook_runs",
+            "Runs of the on-change hook by result: ok, failed, timeout, error.",
+            ["result"],
+            namespace=ns,
+            registry=registry,
+        )
+        for result in HOOK_RESULTS:
+            hookRuns.labels(result=result)
         return cls(
             registry=registry,
             port_updates=Counter(
@@ -147,5 +162,13 @@ class Metrics:
                 "1 when the last request to qBittorrent succeeded, else 0.",
                 namespace=ns,
                 registry=registry,
+            ),
+            hook_runs=hookRuns,
+            hook_duration=Histogram(
+                "hook_duration_seconds",
+                "Time the on-change hook ran, from start to exit.",
+                namespace=ns,
+                registry=registry,
+                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             ),
         )

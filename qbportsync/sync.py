@@ -55,7 +55,12 @@ class PortSync(Service):
         verifyInterval: float = 30.0,
         rnd: Callable[[], float] = random.random,
         onStatus: Callable[[SyncStatus], object] = lambda status: None,
+        onNewPort: Callable[[ApplyResult], object] = lambda result: None,
     ) -> None:
+        """
+        @param onNewPort: called, without waiting for it, each time
+            qBittorrent verifiably listens on a port other than before.
+        """
         self._reactor = reactor
         self._source = source
         self._sink = sink
@@ -63,6 +68,7 @@ class PortSync(Service):
         self._bindInterface = bindInterface
         self._backoff = Backoff(first=1.0, cap=MAX_RETRY_SECS, rnd=rnd)
         self._onStatus = onStatus
+        self._onNewPort = onNewPort
         self._status = SyncStatus(strategy=source.name)
         self._wanted: int | None = None
         self._settled: int | None = None
@@ -196,6 +202,8 @@ class PortSync(Service):
                 previous=result.previous,
                 note=f"; {result.note}" if result.note else "",
             )
+            if result.previous != result.port:
+                self._onNewPort(result)
         else:
             _log.info(
                 "qBittorrent already listens on port {port}{note}",

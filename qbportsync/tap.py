@@ -20,6 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from qbportsync._version import __version__
 from qbportsync.config import Config, ConfigError, loadConfig
+from qbportsync.hooks import ChangeHook
 from qbportsync.interfaces import IPortSink, IPortSource, SourceUnavailable
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
@@ -241,6 +242,13 @@ def buildService(
         print(f"qbportsync: {e}", file=sys.stderr)
         raise SystemExit(EXIT_UNSUPPORTED) from None
     notifier = SystemdNotifier(reactor, environ)
+    hook = ChangeHook(
+        reactor,
+        config.hooks.on_change,
+        config.hooks.hook_timeout_secs,
+        metrics,
+        environ,
+    )
     sync = PortSync(
         reactor,
         source,
@@ -249,6 +257,7 @@ def buildService(
         bindInterface=config.net.bind_interface,
         verifyInterval=config.qbittorrent.verify_interval_secs,
         onStatus=lambda status: notifier.status(statusLine(status)),
+        onNewPort=hook.onNewPort(source.name, config.net.bind_interface),
     )
     web = makeWebService(reactor, reactor, config, lambda: sync.status, metrics)
     try:

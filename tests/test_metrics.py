@@ -26,6 +26,8 @@ def _busy() -> Metrics:
     metrics.apply_duration.observe(0.004)
     metrics.apply_duration.observe(0.03)
     metrics.qbittorrent_up.set(1)
+    metrics.hook_runs.labels(result="ok").inc()
+    metrics.hook_duration.observe(0.02)
     return metrics
 
 
@@ -49,6 +51,8 @@ class ExpositionTests(SynchronousTestCase):
                 "qb_port_sync_apply_duration_seconds histogram",
                 "qb_port_sync_qbittorrent_up gauge",
                 "qb_port_sync_build_info gauge",
+                "qb_port_sync_hook_runs_total counter",
+                "qb_port_sync_hook_duration_seconds histogram",
             },
         )
 
@@ -61,6 +65,9 @@ class ExpositionTests(SynchronousTestCase):
             'qb_port_sync_errors_total{kind="gateway"} 1.0',
             'qb_port_sync_datagrams_dropped_total{reason="malformed"} 2.0',
             "qb_port_sync_apply_duration_seconds_count 2.0",
+            'qb_port_sync_hook_runs_total{result="ok"} 1.0',
+            'qb_port_sync_hook_runs_total{result="timeout"} 0.0',
+            "qb_port_sync_hook_duration_seconds_count 1.0",
             f'qb_port_sync_build_info{{version="{__version__.short()}"}} 1.0',
         ]:
             self.assertIn(line + "\n", text)
