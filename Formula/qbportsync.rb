@@ -117,6 +117,7 @@ class Qbportsync < Formula
     system libexec/"bin/python", "-c",
            "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
     pkgshare.install "config/config.example.toml"
+    prefix.install "LICENSE"
     # Homebrew never overwrites an existing file under etc on upgrade.
     (etc/"qb-port-sync").install "config/config.example.toml" => "config.toml"
   end

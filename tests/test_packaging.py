@@ -708,8 +708,8 @@ class DistributionTests(SynchronousTestCase):
 
     def test_wheel(self) -> None:
         """
-        The wheel carries the twistd plugin and py.typed, the console script,
-        and no tests, plugin cache or namespace __init__.
+        The wheel carries the twistd plugin, py.typed, the licence and the
+        console script, and no tests, plugin cache or namespace __init__.
         """
         wheel = builtArtefact("qbportsync-*.whl")
         with zipfile.ZipFile(wheel) as archive:
@@ -721,6 +721,7 @@ class DistributionTests(SynchronousTestCase):
             )
         self.assertIn("twisted/plugins/qbportsync_plugin.py", names)
         self.assertIn("qbportsync/py.typed", names)
+        self.assertTrue(any(n.endswith(".dist-info/licenses/LICENSE") for n in names))
         self.assertIn("qb-port-sync = qbportsync.cli:run", entryPoints)
         for unwanted in (
             "twisted/__init__.py",
@@ -752,6 +753,8 @@ class DistributionTests(SynchronousTestCase):
             "PKGBUILD",
             "qbportsync.install",
             "install.sh",
+            "LICENSE",
+            "CONTRIBUTING.md",
             "tests/test_packaging.py",
         ):
             self.assertIn(wanted, names)
