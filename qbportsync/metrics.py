@@ -74,6 +74,7 @@ class Metrics:
     qbittorrent_up: Gauge
     hook_runs: Counter
     hook_duration: Histogram
+    conflicts: Counter
 
     def exposition(self) -> bytes:
         """The Prometheus text format (L{CONTENT_TYPE}) of every metric."""
@@ -170,5 +171,11 @@ class Metrics:
                 namespace=ns,
                 registry=registry,
                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            ),
+            conflicts=Counter(
+                "conflicts",
+                "Times qBittorrent was found on another port soon after we set ours.",
+                namespace=ns,
+                registry=registry,
             ),
         )

@@ -34,6 +34,9 @@ class SyncStatus:
     source_trouble: str | None = None
     """Why the source cannot learn the port now; None when it can."""
     source_trouble_since: float | None = None
+    contested: bool = False
+    """Something else keeps changing qBittorrent's port (a tug-of-war)."""
+    contested_since: float | None = None
 
 
 def unhealthyReason(status: SyncStatus, now: float) -> str | None:
@@ -42,6 +45,10 @@ def unhealthyReason(status: SyncStatus, now: float) -> str | None:
         return status.source_trouble
     if status.last_success is None:
         return "qBittorrent has not been updated yet"
+    if status.source_port is not None and status.source_port != status.applied_port:
+        return f"port {status.source_port} is not applied to qBittorrent yet"
+    if status.contested:
+        return "something else keeps changing qBittorrent's port"
     if not status.verified:
         return "qBittorrent's port was not verified"
     if status.last_attempt_failed:
@@ -86,6 +93,8 @@ def statusDocument(status: SyncStatus, now: float) -> dict[str, object]:
         "lease_expires": _timestamp(status.lease_expires),
         "source_trouble": status.source_trouble,
         "source_trouble_since": _timestamp(status.source_trouble_since),
+        "contested": status.contested,
+        "contested_since": _timestamp(status.contested_since),
         "now": _timestamp(now),
     }
 
@@ -98,6 +107,8 @@ def statusLine(status: SyncStatus) -> str:
         return f"waiting for a forwarded port ({status.strategy})"
     line = f"port {status.applied_port} via {status.strategy}"
     line += ", verified" if status.verified else ", not verified"
+    if status.contested:
+        line += ", contested by another program"
     if status.last_attempt_failed and status.last_error is not None:
         line += f"; last attempt failed: {status.last_error}"
     return line

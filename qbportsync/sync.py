@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from attrs import evolve
+from attrs import define, evolve
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -34,6 +34,39 @@ _log = Logger()
 
 MAX_RETRY_SECS = 60.0
 """Never wait longer: a gateway lease may last only 60 s."""
+
+RESTORE_SPACING_SECS = 15.0
+"""
+A drifted port is set back no sooner than this after we last set it: before
+a tug-of-war is recognised it costs at most one apply per 15 s.
+"""
+CONTEST_MEMORY_SECS = 600.0
+"""A drift this soon after we last set our port back means a tug-of-war."""
+CONTEST_FIRST_SECS = 20.0
+"""
+The first wait between rounds of a tug-of-war.  With Backoff's +/-20 %
+jitter it is at least 16 s, so one round (at most four requests) per 15 s:
+0.27 requests/s at most, whatever verify_interval_secs is.
+"""
+CONTEST_CAP_SECS = 300.0
+CONTEST_QUIET_SECS = 600.0
+"""The tug-of-war is over once our port was kept this long."""
+CULPRITS = (
+    "qBittorrent's own UPnP/NAT-PMP (Tools > Options > Connection), another "
+    "script or container setting the port (such as gluetun's "
+    "VPN_PORT_FORWARDING_UP_COMMAND), or a second qb-port-sync"
+)
+
+
+@define
+class _Contest:
+    """A tug-of-war over qBittorrent's port: something keeps changing it."""
+
+    since: float
+    lastConflict: float
+    backoff: Backoff
+    ours: bool = False
+    """Our port was in place at the end of the last round."""
 
 
 class PortSync(Service):
@@ -67,6 +100,7 @@ class PortSync(Service):
         self._metrics = metrics
         self._bindInterface = bindInterface
         self._backoff = Backoff(first=1.0, cap=MAX_RETRY_SECS, rnd=rnd)
+        self._rnd = rnd
         self._onStatus = onStatus
         self._onNewPort = onNewPort
         self._status = SyncStatus(strategy=source.name)
@@ -78,6 +112,13 @@ class PortSync(Service):
         self._gaveUp = False
         """qBittorrent refused our login too often: only a restart helps."""
         self._checkFailing = False
+        self._generation = 0
+        """Bumped by every apply and new port: a check begun before is stale."""
+        self._lastRestore: float | None = None
+        """When we last set our port back after finding another."""
+        self._lastApply: tuple[int, float] | None = None
+        """The port of the last apply and when it began."""
+        self._contest: _Contest | None = None
         self._firstAttempt: list[Deferred[None]] | None = []
         self._verifier = LoopingCall(self._verify)
         self._verifier.clock = reactor
@@ -157,6 +198,9 @@ class PortSync(Service):
                 source=forwarded.source,
             )
             self._wanted = forwarded.port
+            self._generation += 1
+            if self._contest is not None:
+                self._contest.ours = False
             # A new port is worth trying at once, even while waiting to retry.
             self._cancelRetry()
         self._update()
@@ -170,7 +214,9 @@ class PortSync(Service):
         port = self._wanted
         if port is None or port == self._settled:
             return
+        self._generation += 1
         started = self._reactor.seconds()
+        self._lastApply = (port, started)
         d = self._sink.apply(port, self._bindInterface)
         self._inFlight = d.addCallbacks(
             self._applied, self._failed, errbackArgs=(port,)
@@ -185,17 +231,16 @@ class PortSync(Service):
             self._recordError(
                 f"qBittorrent did not keep port {result.port}", "qbittorrent"
             )
-            _log.warn(
-                "qBittorrent did not keep port {port}; trying again in {delay:.1f} s",
-                port=result.port,
-                delay=self._scheduleRetry(),
-            )
+            self._conflict(result.port, "right after we set it")
             return
         self._settled = result.port
         self._metrics.current_port.set(result.port)
         self._metrics.last_update.set(now)
         if result.applied:
             self._metrics.port_updates.inc()
+        if self._contest is not None:
+            self._contestRound(result)
+        elif result.applied:
             _log.info(
                 "qBittorrent now listens on port {port} (was {previous}){note}",
                 port=result.port,
@@ -216,6 +261,76 @@ class PortSync(Service):
             last_success=now,
             last_attempt_failed=False,
         )
+
+    def _conflict(self, port: int, when: str) -> None:
+        """
+        qBittorrent lost our port to someone else: count it, say so once per
+        tug-of-war, and set it back only after a growing wait.
+        """
+        now = self._reactor.seconds()
+        self._metrics.conflicts.inc()
+        contest = self._contest
+        if contest is None:
+            contest = self._contest = _Contest(
+                since=now,
+                lastConflict=now,
+                backoff=Backoff(
+                    first=CONTEST_FIRST_SECS, cap=CONTEST_CAP_SECS, rnd=self._rnd
+                ),
+            )
+            _log.warn(
+                "Something else keeps changing qBittorrent's listening port "
+                "(it lost port {port} {when}): likely {culprits}. Setting it "
+                "back less and less often, up to every {cap:.0f} s",
+                port=port,
+                when=when,
+                culprits=CULPRITS,
+                cap=CONTEST_CAP_SECS,
+            )
+            self._setStatus(contested=True, contested_since=now)
+        contest.lastConflict = now
+        contest.ours = False
+        self._settled = None
+        self._setStatus(verified=False)
+        self._cancelRetry()
+        self._retry = self._reactor.callLater(contest.backoff.next(), self._retryNow)
+
+    def _contestRound(self, result: ApplyResult) -> None:
+        """One round of a tug-of-war ended with our port in place."""
+        contest = self._contest
+        assert contest is not None
+        now = self._reactor.seconds()
+        if result.applied and contest.ours:
+            self._metrics.conflicts.inc()
+            contest.lastConflict = now
+        contest.ours = True
+        quiet = now - contest.lastConflict
+        if quiet >= CONTEST_QUIET_SECS:
+            _log.info(
+                "qBittorrent has kept port {port} for {quiet:.0f} s: no longer "
+                "contested",
+                port=result.port,
+                quiet=quiet,
+            )
+            self._contest = None
+            self._lastRestore = None
+            self._setStatus(contested=False, contested_since=None)
+            return
+        _log.debug(
+            "Port {port} set back in qBittorrent (contested): {what}",
+            port=result.port,
+            what="it had been changed again" if result.applied else "it was kept",
+        )
+        self._cancelRetry()
+        self._retry = self._reactor.callLater(
+            contest.backoff.next(), self._contestRetry
+        )
+
+    def _contestRetry(self) -> None:
+        """The next round of a tug-of-war: read the port, set it if it moved."""
+        self._retry = None
+        self._settled = None
+        self._update()
 
     def _failed(self, failure: Failure, port: int) -> None:
         if not self.running:
@@ -283,27 +398,50 @@ class PortSync(Service):
             return None
         if self._inFlight is not None or self._retry is not None:
             return None
-        return self._sink.listenPort().addCallbacks(self._checked, self._uncheckable)
+        generation = self._generation
+        return self._sink.listenPort().addCallbacks(
+            self._checked, self._uncheckable, callbackArgs=(generation,)
+        )
 
-    def _checked(self, port: int) -> None:
+    def _checked(self, port: int, generation: int) -> None:
         self._metrics.qbittorrent_up.set(1)
         self._metrics.current_port.set(port)
         if self._checkFailing:
             self._checkFailing = False
             _log.info("qBittorrent answers again")
+        if generation != self._generation:
+            # An apply began meanwhile: its own outcome is what counts.
+            return
         if port == self._settled:
             if self._status.last_attempt_failed:
                 self._setStatus(verified=True, last_attempt_failed=False)
             return
+        settled = self._settled
+        assert settled is not None
+        now = self._reactor.seconds()
+        if (
+            self._lastRestore is not None
+            and now - self._lastRestore < CONTEST_MEMORY_SECS
+        ):
+            self._conflict(settled, f"again (to {port})")
+            return
+        wait = 0.0
+        if self._lastApply is not None and self._lastApply[0] == settled:
+            wait = max(0.0, self._lastApply[1] + RESTORE_SPACING_SECS - now)
         _log.warn(
             "qBittorrent listens on {actual} instead of {port} (restarted, or"
-            " changed by someone): setting it back",
+            " changed by someone): setting it back{when}",
             actual=port,
-            port=self._settled,
+            port=settled,
+            when=f" in {wait:.0f} s" if wait else "",
         )
+        self._lastRestore = now
         self._settled = None
         self._setStatus(verified=False)
-        self._update()
+        if wait:
+            self._retry = self._reactor.callLater(wait, self._retryNow)
+        else:
+            self._update()
 
     def _uncheckable(self, failure: Failure) -> None:
         # Only our own timeouts and HTTP failures end here; the next check

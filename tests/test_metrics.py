@@ -28,6 +28,7 @@ def _busy() -> Metrics:
     metrics.qbittorrent_up.set(1)
     metrics.hook_runs.labels(result="ok").inc()
     metrics.hook_duration.observe(0.02)
+    metrics.conflicts.inc()
     return metrics
 
 
@@ -50,6 +51,7 @@ class ExpositionTests(SynchronousTestCase):
                 "qb_port_sync_datagrams_dropped_total counter",
                 "qb_port_sync_apply_duration_seconds histogram",
                 "qb_port_sync_qbittorrent_up gauge",
+                "qb_port_sync_conflicts_total counter",
                 "qb_port_sync_build_info gauge",
                 "qb_port_sync_hook_runs_total counter",
                 "qb_port_sync_hook_duration_seconds histogram",

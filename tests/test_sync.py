@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
-from twisted.internet.task import Clock
-from twisted.logger import LogEvent, LogLevel, globalLogPublisher
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock, LoopingCall
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from qbportsync.interfaces import IPortSink, IPortSource, SourceTrouble
+from qbportsync.interfaces import ApplyResult, IPortSink, IPortSource, SourceTrouble
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import LoginRefused, QBittorrentError
-from qbportsync.status import SyncStatus, isHealthy
-from qbportsync.sync import PortSync
+from qbportsync.status import SyncStatus, isHealthy, statusDocument, unhealthyReason
+from qbportsync.sync import (
+    CONTEST_CAP_SECS,
+    CONTEST_FIRST_SECS,
+    CONTEST_QUIET_SECS,
+    RESTORE_SPACING_SECS,
+    PortSync,
+)
 
 from .fakes import FakeSink, FakeSource
 
@@ -198,11 +207,17 @@ class RetryTests(SyncTestsMixin, SynchronousTestCase):
         self.assertTrue(self.sync.status.last_attempt_failed)
 
     def test_unverifiedIsRetried(self) -> None:
-        """qBittorrent not keeping the port counts as a failure and is retried."""
+        """
+        qBittorrent not keeping the port is a failure and a tug-of-war: it is
+        retried after the first contest wait, not at once.
+        """
         self.source.emit(40000)
         self.sink.succeed(verified=False)
         self.assertTrue(self.sync.status.last_attempt_failed)
-        self.clock.advance(1)
+        self.assertTrue(self.sync.status.contested)
+        self.clock.advance(CONTEST_FIRST_SECS - 0.1)
+        self.assertEqual(len(self.sink.applies), 1)
+        self.clock.advance(0.1)
         self.assertEqual(len(self.sink.applies), 2)
 
     def test_stopCancelsAndStops(self) -> None:
@@ -302,3 +317,249 @@ class DriftTests(SyncTestsMixin, SynchronousTestCase):
         """Nothing is checked while no port is known."""
         self.clock.advance(300)
         self.assertEqual(self.sink.checks, [])
+
+
+class HealthRaceTests(SyncTestsMixin, SynchronousTestCase):
+    """/healthz never says 200 while the port the source wants is unapplied."""
+
+    def settle(self, port: int = 40000) -> None:
+        self.source.emit(port)
+        self.sink.succeed()
+
+    def healthy(self) -> bool:
+        return isHealthy(self.sync.status, self.clock.seconds())
+
+    def test_checkInFlightKeepsFailedApplysError(self) -> None:
+        """A drift check begun before a failed apply cannot clear its error."""
+        self.settle(40000)
+        self.clock.advance(30)
+        check = self.sink.checks[-1]
+        self.source.emit(40001)
+        self.sink.applies[-1][2].errback(QBittorrentError("connection refused"))
+        check.callback(40000)
+        status = self.sync.status
+        self.assertTrue(status.last_attempt_failed)
+        self.assertIn("connection refused", status.last_error or "")
+        self.assertFalse(self.healthy())
+
+    def test_checkAfterOutageKeepsFailedApplysError(self) -> None:
+        """
+        After an outage, a check that answers with the old port while a new
+        port's apply has failed leaves the daemon unhealthy.
+        """
+        self.settle(40000)
+        self.clock.advance(30)
+        self.sink.checks[-1].errback(QBittorrentError("timed out"))
+        self.clock.advance(30)
+        check = self.sink.checks[-1]
+        self.source.emit(40001)
+        self.sink.applies[-1][2].errback(QBittorrentError("timed out"))
+        check.callback(40000)
+        self.assertTrue(self.sync.status.last_attempt_failed)
+        self.assertFalse(self.healthy())
+
+    def test_unhealthyWhileNewPortApplying(self) -> None:
+        """Between a new port's arrival and its verified apply, unhealthy."""
+        self.settle(40000)
+        self.assertTrue(self.healthy())
+        self.source.emit(40001)
+        self.assertFalse(self.healthy())
+        self.sink.succeed()
+        self.assertTrue(self.healthy())
+
+    def test_unhealthyWhileNewPortWaitsForRetry(self) -> None:
+        """A new port whose apply must wait for a login retry: unhealthy."""
+        self.settle(40000)
+        self.source.emit(40001)
+        self.sink.applies[-1][2].errback(
+            LoginRefused("wrong credentials", reason="credentials", retryAt=600.0)
+        )
+        self.clock.advance(30)
+        self.assertEqual(self.sink.checks, [])
+        self.assertFalse(self.healthy())
+        self.assertEqual(
+            unhealthyReason(self.sync.status, self.clock.seconds()),
+            "port 40001 is not applied to qBittorrent yet",
+        )
+
+    def test_staleCheckDoesNotRestore(self) -> None:
+        """A check answered after a new port was applied sets nothing back."""
+        self.settle(40000)
+        self.clock.advance(30)
+        check = self.sink.checks[-1]
+        self.source.emit(40001)
+        self.sink.succeed()
+        check.callback(40000)
+        self.assertEqual([p for p, _, _ in self.sink.applies], [40000, 40001])
+        self.assertTrue(self.healthy())
+
+
+@implementer(IPortSink)
+class ContestedSink:
+    """
+    qBittorrent with a rival writer that sets its own port every
+    C{period} seconds; answers at once and logs the time and request count
+    of each call (an apply is at most four Web API requests, a check one).
+    """
+
+    def __init__(self, clock: Clock, period: float, rival: int = 6881) -> None:
+        self.clock = clock
+        self.port = rival
+        self.rival = rival
+        self.requests: list[tuple[float, int]] = []
+        self.writer = LoopingCall(self.compete)
+        self.writer.clock = clock
+        self.writer.start(period, now=False)
+
+    def compete(self) -> None:
+        self.port = self.rival
+
+    def apply(self, port: int, bindInterface: str) -> Deferred[ApplyResult]:
+        self.requests.append((self.clock.seconds(), 4))
+        previous = self.port
+        self.port = port
+        return succeed(
+            ApplyResult(port, previous, applied=previous != port, verified=True)
+        )
+
+    def listenPort(self) -> Deferred[int]:
+        self.requests.append((self.clock.seconds(), 1))
+        return succeed(self.port)
+
+
+class ContestTests(SynchronousTestCase):
+    """A rival keeps changing qBittorrent's port: back off, say so once."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.source = FakeSource()
+        self.metrics = Metrics.create()
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def start(self, sink: IPortSink) -> PortSync:
+        sync = PortSync(
+            self.clock,
+            self.source,
+            sink,
+            self.metrics,
+            verifyInterval=2.0,
+            rnd=lambda: 0.0,
+        )
+        sync.startService()
+        self.addCleanup(sync.stopService)
+        return sync
+
+    def elapse(self, seconds: float, step: float = 0.5) -> None:
+        for _ in range(int(seconds / step)):
+            self.clock.advance(step)
+
+    def busiestWindow(self, sink: ContestedSink, since: float = 0.0) -> int:
+        """The most requests in any 15 s window starting at a request."""
+        times = [(t, n) for t, n in sink.requests if t >= since]
+        return max(sum(n for u, n in times if t <= u < t + 15.0) for t, _ in times)
+
+    def warnings(self) -> list[LogEvent]:
+        return [e for e in self.events if e["log_level"] == LogLevel.warn]
+
+    def test_rateUnderTugOfWar(self) -> None:
+        """
+        A rival resetting the port every second, verify_interval_secs = 2:
+        no 15 s window holds more than 7 requests (0.5/s), for an hour.
+        """
+        sink = ContestedSink(self.clock, period=1.0)
+        self.start(sink)
+        self.source.emit(40000)
+        self.elapse(3600)
+        self.assertLessEqual(self.busiestWindow(sink), 7)
+        self.assertLess(len(sink.requests), 3600 * 0.02)
+
+    def test_waitsGrowToMinutes(self) -> None:
+        """The waits between rounds double from 16 s up to the cap."""
+        sink = ContestedSink(self.clock, period=1.0)
+        sync = self.start(sink)
+        self.source.emit(40000)
+        self.elapse(3600)
+        since = sync.status.contested_since
+        assert since is not None
+        rounds = [t for t, _ in sink.requests if t >= since]
+        gaps = [b - a for a, b in itertools.pairwise(rounds)]
+        self.assertEqual(gaps[:4], [16.0, 32.0, 64.0, 128.0])
+        self.assertEqual(set(gaps[4:]), {CONTEST_CAP_SECS * 0.8})
+
+    def test_oneWarningNamingCulprits(self) -> None:
+        """One warning for the whole tug-of-war, naming the likely culprits."""
+        sink = ContestedSink(self.clock, period=1.0)
+        self.start(sink)
+        self.source.emit(40000)
+        self.elapse(3600)
+        warned = [e for e in self.warnings() if "keeps changing" in e["log_format"]]
+        self.assertEqual(len(warned), 1)
+        text = formatEvent(warned[0])
+        for culprit in ("UPnP/NAT-PMP", "VPN_PORT_FORWARDING_UP_COMMAND", "second"):
+            self.assertIn(culprit, text)
+
+    def test_countedAndShownInStatus(self) -> None:
+        """Each conflict is counted; /status says the port is contested."""
+        sink = ContestedSink(self.clock, period=1.0)
+        sync = self.start(sink)
+        self.source.emit(40000)
+        self.elapse(20)
+        status = sync.status
+        self.assertEqual((status.contested, status.contested_since), (True, 16.0))
+        self.assertFalse(isHealthy(status, self.clock.seconds()))
+        before = sample(self.metrics, "qb_port_sync_conflicts_total")
+        self.elapse(600)
+        self.assertGreater(sample(self.metrics, "qb_port_sync_conflicts_total"), before)
+        document = statusDocument(sync.status, self.clock.seconds())
+        self.assertIs(document["contested"], True)
+        self.assertEqual(document["contested_since"], "1970-01-01T00:00:16+00:00")
+
+    def test_newPortAppliedAtOnce(self) -> None:
+        """A new port from the source is applied at once, even when contested."""
+        sink = ContestedSink(self.clock, period=1.0)
+        self.start(sink)
+        self.source.emit(40000)
+        self.elapse(300)
+        before = len(sink.requests)
+        self.source.emit(40001)
+        self.assertEqual(sink.requests[before:], [(300.0, 4)])
+        self.assertEqual(sink.port, 40001)
+
+    def test_contestEndsWhenRivalStops(self) -> None:
+        """
+        Once the rival stops, the port is kept, the contest ends after the
+        quiet period, the daemon is healthy and verifies every 2 s again.
+        """
+        sink = ContestedSink(self.clock, period=1.0)
+        sync = self.start(sink)
+        self.source.emit(40000)
+        self.elapse(120)
+        sink.writer.stop()
+        self.elapse(CONTEST_QUIET_SECS + 2 * CONTEST_CAP_SECS)
+        self.assertFalse(sync.status.contested)
+        self.assertTrue(isHealthy(sync.status, self.clock.seconds()))
+        before, now = len(sink.requests), self.clock.seconds()
+        self.elapse(10)
+        ticks = [t for t in range(int(now) + 1, int(now) + 11) if t % 2 == 0]
+        self.assertEqual(sink.requests[before:], [(float(t), 1) for t in ticks])
+        self.assertEqual(sink.port, 40000)
+
+    def test_singleDriftRestoredWithoutContest(self) -> None:
+        """
+        One drift long after the apply (qBittorrent restarted) is set back at
+        once, with no contest; one soon after it waits for the spacing.
+        """
+        sink = FakeSink()
+        sync = self.start(sink)
+        self.source.emit(40000)
+        sink.succeed()
+        self.clock.advance(2)
+        sink.checks[-1].callback(6881)
+        self.assertEqual(len(sink.applies), 1)
+        self.clock.advance(RESTORE_SPACING_SECS - 2)
+        self.assertEqual(len(sink.applies), 2)
+        sink.succeed()
+        self.assertFalse(sync.status.contested)
+        self.assertEqual(sample(self.metrics, "qb_port_sync_conflicts_total"), 0)

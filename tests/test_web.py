@@ -182,6 +182,8 @@ class StatusTests(SynchronousTestCase):
                 "lease_expires": "2023-11-14T22:14:00+00:00",
                 "source_trouble": None,
                 "source_trouble_since": None,
+                "contested": False,
+                "contested_since": None,
                 "now": "2023-11-14T22:13:20+00:00",
             },
         )
