@@ -5,7 +5,8 @@ that permissions apply to (the test drops root's override capabilities).
 
     python -m tests.portfileprocess PATH [--nofile N] [--first-retry S] [--once]
 
-Writes one JSON line per event on standard output: C{port}, C{trouble},
+Writes one JSON line per event on standard output: C{started} (with
+C{overrides}: whether it may ignore file permissions), C{port}, C{trouble},
 C{filled}, C{freed}, C{once}; each with C{t}, the monotonic clock (shared by
 every process on the host).  Reads commands from standard input: C{fill}
 opens descriptors until none is left, C{free} closes them.  Ends when
@@ -30,6 +31,20 @@ def emit(event: str, **fields: Any) -> None:
     os.write(1, line.encode())
 
 
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+
+
+def overridesPermissions() -> bool:
+    """Whether this process may read and enter what permissions forbid."""
+    if os.geteuid() != 0:
+        return False
+    with open("/proc/self/status") as status:
+        (line,) = [x for x in status if x.startswith("CapEff:")]
+    effective = int(line.split()[1], 16)
+    return bool(effective & (1 << CAP_DAC_OVERRIDE | 1 << CAP_DAC_READ_SEARCH))
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("path")
@@ -37,10 +52,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--first-retry", type=float, default=0.5)
     parser.add_argument("--once", action="store_true")
     options = parser.parse_args(argv)
+    emit("started", overrides=overridesPermissions())
     if options.nofile is not None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (options.nofile, options.nofile))
 
-    from twisted.internet import reactor, stdio
+    from twisted.internet import inotify, reactor, stdio
     from twisted.protocols.basic import LineOnlyReceiver
     from twisted.python.filepath import FilePath
 
@@ -48,14 +64,18 @@ def main(argv: list[str]) -> None:
     from qbportsync.interfaces import Forwarded
     from qbportsync.metrics import Metrics
     from qbportsync.sources.portfile import PortFileSource
-    from qbportsync.tap import inotifyFactory
+
+    def startedINotify() -> inotify.INotify:
+        notifier = inotify.INotify(reactor)
+        notifier.startReading()
+        return notifier
 
     first = options.first_retry
     source = PortFileSource(
         reactor,
         FilePath(options.path),
         Metrics.create(),
-        inotifyFactory(reactor),
+        startedINotify,
         backoff=Backoff(first=first, cap=max(first, 30.0)),
     )
     if options.once:
