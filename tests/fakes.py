@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from attrs import define, field
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -9,8 +11,10 @@ from zope.interface import implementer
 from qbportsync.interfaces import (
     ApplyResult,
     Forwarded,
+    INetworkEvents,
     IPortSink,
     IPortSource,
+    NetworkChange,
     Report,
 )
 
@@ -80,3 +84,22 @@ class FakeSink:
                 verified=verified,
             )
         )
+
+
+@implementer(INetworkEvents)
+@define
+class FakeNetworkEvents:
+    """Network changes the test announces with L{announce}."""
+
+    observers: list[Callable[[NetworkChange], object]] = field(factory=list)
+
+    def subscribe(
+        self, observer: Callable[[NetworkChange], object]
+    ) -> Callable[[], None]:
+        self.observers.append(observer)
+        return lambda: self.observers.remove(observer)
+
+    def announce(self, kind: str, interface: str = "", present: bool = True) -> None:
+        """Tell every subscriber one change."""
+        for observer in list(self.observers):
+            observer(NetworkChange(kind, interface, present))

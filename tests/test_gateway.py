@@ -1,44 +1,37 @@
-"""Gateway discovery: routing tables of Linux and macOS, interface addresses."""
+"""
+Gateway discovery: the path internet traffic takes (Linux: the kernel's
+route lookup, policy rules included; macOS: route -n get), interface
+addresses.
+"""
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
 import sys
-from unittest import SkipTest
+from typing import Any
 
+from attrs import asdict
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from qbportsync.config import Config, ConfigError, NetConfig, PortmapConfig
-from qbportsync.interfaces import SourceError
+from qbportsync.interfaces import SourceError, SourceUnavailable
+from qbportsync.netlink import RouteAnswer
 from qbportsync.sources.gateway import (
     DarwinRoute,
-    Route,
+    GatewayPath,
+    describeRoute,
     gatewayFromDarwinRoute,
-    gatewayFromRoutes,
     interfaceAddress,
     parseIfreqAddress,
-    parseProcNetRoute,
     parseRouteGet,
-    resolveBindAddress,
-    resolveGateway,
+    pathFromRoute,
+    resolvePath,
 )
-
-HEADER = (
-    "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask"
-    "\t\tMTU\tWindow\tIRTT                                                       \n"
-)
-LAN = (
-    HEADER + "eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
-    "eth0\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n"
-)
-WIREGUARD = HEADER + "wg0\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0\n"
-OPENVPN = (
-    LAN
-    + "tun0\t00000000\t0100600A\t0003\t0\t0\t0\t00000080\t0\t0\t0\n"
-    + "tun0\t00000080\t0100600A\t0003\t0\t0\t0\t00000080\t0\t0\t0\n"
-    + "tun0\t0000600A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n"
-)
-WG_POLICY = LAN + "wg0\t0000020A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+from tests.rig import requireTool
+from tests.test_netlink import ROOT, Namespace
 
 DARWIN_LAN = """\
    route to: default
@@ -61,76 +54,57 @@ destination: default
 """
 
 
-def needsLittleEndian() -> None:
-    if sys.byteorder != "little":
-        raise SkipTest("samples were taken on a little-endian machine")
+WIREGUARD = RouteAnswer("1.1.1.1", 51820, 7, "", "10.2.0.2")
+LAN = RouteAnswer("1.1.1.1", 254, 2, "192.168.1.1", "192.168.1.20")
 
 
-class ProcNetRouteTests(SynchronousTestCase):
-    """Linux: /proc/net/route."""
+class PathFromRouteTests(SynchronousTestCase):
+    """pathFromRoute: the decision on the kernel's answer."""
 
-    def test_parse(self) -> None:
-        """Addresses, masks and gateways decode from the kernel's hex."""
-        needsLittleEndian()
+    def test_nextHop(self) -> None:
+        """The route's next hop is the gateway, its preferred source ours."""
         self.assertEqual(
-            parseProcNetRoute(LAN),
-            [
-                Route("eth0", "0.0.0.0", "192.168.2.1", 0, 100),
-                Route("eth0", "192.168.2.0", "", 24, 100),
-            ],
+            pathFromRoute(LAN, "eth0", Config()),
+            GatewayPath(
+                "192.168.1.1",
+                "192.168.1.20",
+                "eth0",
+                "1.1.1.1 via 192.168.1.1 dev eth0 table main src 192.168.1.20",
+            ),
         )
 
-    def test_skipsDownAndGarbage(self) -> None:
-        """Routes not up and unreadable lines are left out."""
-        text = HEADER + "eth0\t00000000\t0102A8C0\t0002\t0\t0\t0\t00000000\t0\t0\t0\n"
-        self.assertEqual(parseProcNetRoute(text + "junk\nx\ty\tz\n"), [])
-
-    def test_defaultGateway(self) -> None:
-        """The default route's next hop is the gateway."""
-        needsLittleEndian()
-        self.assertEqual(gatewayFromRoutes(parseProcNetRoute(LAN)), "192.168.2.1")
-
-    def test_wireguardPointToPoint(self) -> None:
-        """A default route without a gateway names the ProtonVPN fix."""
+    def test_wireguard(self) -> None:
+        """A route without next hop is a ConfigError naming the route and the fix."""
         error = self.assertRaises(
-            ConfigError, gatewayFromRoutes, parseProcNetRoute(WIREGUARD)
+            ConfigError, pathFromRoute, WIREGUARD, "wg0", Config()
         )
-        self.assertIn('gateway = "10.2.0.1"', str(error))
-        self.assertIn("wg0", str(error))
-
-    def test_openvpnSplitDefault(self) -> None:
-        """OpenVPN's 0/1 and 128/1 routes win over the LAN's 0/0."""
-        needsLittleEndian()
-        routes = parseProcNetRoute(OPENVPN)
-        self.assertEqual(gatewayFromRoutes(routes), "10.96.0.1")
-        self.assertEqual(gatewayFromRoutes(routes, "tun0"), "10.96.0.1")
-
-    def test_bindInterfaceWithoutGateway(self) -> None:
-        """wg-quick's policy routing: wg0 has routes but no gateway."""
-        error = self.assertRaises(
-            ConfigError, gatewayFromRoutes, parseProcNetRoute(WG_POLICY), "wg0"
-        )
+        self.assertIn("1.1.1.1 dev wg0 table 51820 src 10.2.0.2", str(error))
         self.assertIn('gateway = "10.2.0.1"', str(error))
 
-    def test_bindInterfaceAbsent(self) -> None:
-        """No route through the interface: say so, with the fix."""
-        error = self.assertRaises(
-            ConfigError, gatewayFromRoutes, parseProcNetRoute(LAN), "tun0"
+    def test_configured(self) -> None:
+        """A configured gateway is asked along the route towards it."""
+        config = Config(portmap=PortmapConfig(gateway="10.2.0.1"))
+        answer = RouteAnswer("10.2.0.1", 51820, 7, "", "10.2.0.2")
+        self.assertEqual(
+            pathFromRoute(answer, "wg0", config),
+            GatewayPath(
+                "10.2.0.1",
+                "10.2.0.2",
+                "wg0",
+                "10.2.0.1 dev wg0 table 51820 src 10.2.0.2",
+            ),
         )
-        self.assertIn("tun0", str(error))
-        self.assertIn('gateway = "10.2.0.1"', str(error))
 
-    def test_noDefault(self) -> None:
-        """No default route at all is a clear error."""
-        self.assertRaises(ConfigError, gatewayFromRoutes, [])
+    def test_bindAddress(self) -> None:
+        """[portmap] bind_address wins over the route's preferred source."""
+        config = Config(portmap=PortmapConfig(bind_address="192.168.1.99"))
+        self.assertEqual(pathFromRoute(LAN, "eth0", config).source, "192.168.1.99")
 
-    def test_lowestMetric(self) -> None:
-        """Between two defaults the lower metric wins."""
-        routes = [
-            Route("eth1", "0.0.0.0", "10.0.0.1", 0, 600),
-            Route("eth0", "0.0.0.0", "10.0.1.1", 0, 100),
-        ]
-        self.assertEqual(gatewayFromRoutes(routes), "10.0.1.1")
+    def test_describeBare(self) -> None:
+        """A route with no destination, interface or source says only what it has."""
+        self.assertEqual(
+            describeRoute(RouteAnswer("", 51820, 0, "", ""), ""), "1.1.1.1 table 51820"
+        )
 
 
 class DarwinTests(SynchronousTestCase):
@@ -168,29 +142,82 @@ class DarwinTests(SynchronousTestCase):
 
 
 class ResolveTests(SynchronousTestCase):
-    """Which gateway and local address the source uses."""
-
-    def test_configuredWins(self) -> None:
-        """[portmap] gateway is used as is."""
-        config = Config(portmap=PortmapConfig(gateway="10.2.0.1"))
-        self.assertEqual(self.successResultOf(resolveGateway(None, config)), "10.2.0.1")
+    """resolvePath: what the source asks, on this machine."""
 
     def test_discoveryOff(self) -> None:
         """Discovery off without a gateway is a ConfigError."""
         config = Config(portmap=PortmapConfig(autodiscover_gateway=False))
-        self.failureResultOf(resolveGateway(None, config), ConfigError)
+        self.failureResultOf(resolvePath(None, config), ConfigError)
+
+    def test_configuredBoth(self) -> None:
+        """Gateway and bind_address both set: used as they are, nothing looked up."""
+        config = Config(
+            portmap=PortmapConfig(gateway="10.2.0.1", bind_address="10.2.0.2"),
+            net=NetConfig(bind_interface="nosuchif0"),
+        )
+        self.assertEqual(
+            self.successResultOf(resolvePath(None, config)),
+            GatewayPath(
+                "10.2.0.1",
+                "10.2.0.2",
+                "nosuchif0",
+                "10.2.0.1 from 10.2.0.2 (configured)",
+            ),
+        )
 
     def test_discoverHere(self) -> None:
-        """On this Linux machine, discovery returns an IPv4 address or a clear error."""
+        """On this machine, discovery agrees with `ip route get` on the next hop."""
         if not sys.platform.startswith("linux"):
-            raise SkipTest("reads /proc/net/route")
-        d = resolveGateway(None, Config())
-        results: list[object] = []
-        d.addBoth(results.append)
-        self.assertEqual(len(results), 1)
-        result = results[0]
-        if not isinstance(result, str):
-            self.assertIsInstance(getattr(result, "value", None), ConfigError)
+            requireTool("a Linux kernel")
+        ip = requireTool("ip")
+        words = subprocess.run(
+            [ip, "-o", "route", "get", "1.1.1.1"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split()
+        d = resolvePath(None, Config())
+        if "dev" not in words:
+            self.failureResultOf(d, SourceUnavailable)
+            return
+        expected = (
+            words[words.index("dev") + 1],
+            words[words.index("src") + 1] if "src" in words else "",
+        )
+        if "via" not in words:
+            self.failureResultOf(d, ConfigError)
+            return
+        path = self.successResultOf(d)
+        self.assertEqual(
+            (path.gateway, path.interface, path.source),
+            (words[words.index("via") + 1], *expected),
+        )
+
+    def test_configuredHere(self) -> None:
+        """A configured gateway on loopback: the path goes through lo from 127.0.0.1."""
+        if not sys.platform.startswith("linux"):
+            requireTool("a Linux kernel")
+        config = Config(portmap=PortmapConfig(gateway="127.0.0.1"))
+        path = self.successResultOf(resolvePath(None, config))
+        self.assertEqual(
+            (path.gateway, path.source, path.interface),
+            ("127.0.0.1", "127.0.0.1", "lo"),
+        )
+
+    def test_noInterface(self) -> None:
+        """A bind_interface that does not exist: no route, the interface named."""
+        if not sys.platform.startswith("linux"):
+            requireTool("a Linux kernel")
+        config = Config(net=NetConfig(bind_interface="nosuchif0"))
+        failure = self.failureResultOf(resolvePath(None, config), SourceUnavailable)
+        self.assertIn("nosuchif0", str(failure.value))
+        configured = Config(
+            portmap=PortmapConfig(gateway="10.2.0.1"),
+            net=NetConfig(bind_interface="nosuchif0"),
+        )
+        failure = self.failureResultOf(resolvePath(None, configured), SourceError)
+        self.assertIn("10.2.0.1", str(failure.value))
 
     def test_ifreq(self) -> None:
         """The address sits after the name, family and port in struct ifreq."""
@@ -203,7 +230,7 @@ class ResolveTests(SynchronousTestCase):
     def test_loopbackAddress(self) -> None:
         """The real ioctl reads lo's address."""
         if not sys.platform.startswith("linux"):
-            raise SkipTest("Linux interface names")
+            requireTool("Linux interface names")
         self.assertEqual(interfaceAddress("lo"), "127.0.0.1")
 
     def test_missingInterface(self) -> None:
@@ -211,20 +238,151 @@ class ResolveTests(SynchronousTestCase):
         error = self.assertRaises(SourceError, interfaceAddress, "nosuchif0")
         self.assertIn("nosuchif0", str(error))
 
-    def test_bindAddress(self) -> None:
-        """bind_address wins, then the interface's address, else any."""
-        self.assertEqual(
-            resolveBindAddress(
-                Config(
-                    portmap=PortmapConfig(bind_address="10.2.0.2"),
-                    net=NetConfig(bind_interface="lo"),
-                )
-            ),
-            "10.2.0.2",
-        )
-        self.assertEqual(resolveBindAddress(Config()), "")
-        if sys.platform.startswith("linux"):
-            self.assertEqual(
-                resolveBindAddress(Config(net=NetConfig(bind_interface="lo"))),
-                "127.0.0.1",
+
+def resolveInNamespace(
+    namespace: Namespace, gateway: str = "", bindInterface: str = ""
+) -> dict[str, Any]:
+    """resolvePath's result, or its error's type and text, inside C{namespace}."""
+    out = subprocess.run(
+        namespace.command(
+            [sys.executable, "-m", "tests.test_gateway", gateway, bindInterface]
+        ),
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def resolveHere(gateway: str, bindInterface: str) -> None:
+    """Print resolvePath's result as one JSON line (run inside a namespace)."""
+    config = Config(
+        portmap=PortmapConfig(gateway=gateway),
+        net=NetConfig(bind_interface=bindInterface),
+    )
+    results: list[GatewayPath | Failure] = []
+    resolvePath(None, config).addBoth(results.append)
+    [result] = results
+    if isinstance(result, Failure):
+        print(
+            json.dumps(
+                {"error": type(result.value).__name__, "message": str(result.value)}
             )
+        )
+    else:
+        print(json.dumps(asdict(result)))
+
+
+class PolicyRoutingTests(SynchronousTestCase):
+    """
+    The real kernel in a namespace of our own: a LAN router in the main
+    table, a tunnel in wg-quick's table 51820 chosen by its rules.
+    """
+
+    def setUp(self) -> None:
+        if not sys.platform.startswith("linux"):
+            requireTool("a Linux kernel")
+        self.namespace = Namespace()
+        self.addCleanup(self.namespace.close)
+        ip = self.namespace.ip
+        for here, peer in (("qblan0", "qblan1"), ("qbwg0", "qbwg1")):
+            ip("link", "add", here, "type", "veth", "peer", "name", peer)
+            ip("link", "set", peer, "up")
+            ip("link", "set", here, "up")
+        ip("address", "add", "198.51.100.2/24", "dev", "qblan0")
+        ip("address", "add", "203.0.113.2/32", "dev", "qbwg0")
+
+    def resolve(self, gateway: str = "", bindInterface: str = "") -> dict[str, Any]:
+        return resolveInNamespace(self.namespace, gateway, bindInterface)
+
+    def wgQuick(self) -> None:
+        ip = self.namespace.ip
+        ip("route", "add", "default", "dev", "qbwg0", "table", "51820")
+        ip("rule", "add", "not", "fwmark", "51820", "table", "51820")
+        ip("rule", "add", "table", "main", "suppress_prefixlength", "0")
+
+    def test_noRoute(self) -> None:
+        """No default route at all: SourceUnavailable, saying the VPN may be down."""
+        result = self.resolve()
+        self.assertEqual(result["error"], "SourceUnavailable")
+        self.assertIn("is the VPN up?", result["message"])
+
+    def test_mainTable(self) -> None:
+        """Without policy rules the main table's default route gives the LAN router."""
+        self.namespace.ip("route", "add", "default", "via", "198.51.100.1")
+        self.assertEqual(
+            self.resolve(),
+            {
+                "gateway": "198.51.100.1",
+                "source": "198.51.100.2",
+                "interface": "qblan0",
+                "route": (
+                    "1.1.1.1 via 198.51.100.1 dev qblan0 table main src 198.51.100.2"
+                ),
+            },
+        )
+
+    def test_wireguardPolicy(self) -> None:
+        """wg-quick's rules: the tunnel's route is found, the LAN router never asked."""
+        self.namespace.ip("route", "add", "default", "via", "198.51.100.1")
+        self.wgQuick()
+        result = self.resolve()
+        self.assertEqual(result["error"], "ConfigError")
+        self.assertIn(
+            "1.1.1.1 dev qbwg0 table 51820 src 203.0.113.2", result["message"]
+        )
+        self.assertIn('gateway = "10.2.0.1"', result["message"])
+        self.assertNotIn("198.51.100.1", result["message"])
+
+    def test_wireguardPolicyConfigured(self) -> None:
+        """A configured tunnel gateway is asked from the tunnel's address."""
+        self.namespace.ip("route", "add", "default", "via", "198.51.100.1")
+        self.wgQuick()
+        self.assertEqual(
+            self.resolve("203.0.113.1"),
+            {
+                "gateway": "203.0.113.1",
+                "source": "203.0.113.2",
+                "interface": "qbwg0",
+                "route": "203.0.113.1 dev qbwg0 table 51820 src 203.0.113.2",
+            },
+        )
+
+    def test_policyTableWithNextHop(self) -> None:
+        """A next hop in the policy table is the gateway, not the main table's."""
+        self.namespace.ip("route", "add", "default", "via", "198.51.100.1")
+        self.wgQuick()
+        self.namespace.ip(
+            "route",
+            "replace",
+            "default",
+            "via",
+            "203.0.113.1",
+            "dev",
+            "qbwg0",
+            "onlink",
+            "table",
+            "51820",
+        )
+        result = self.resolve()
+        self.assertEqual(
+            (result["gateway"], result["source"], result["interface"]),
+            ("203.0.113.1", "203.0.113.2", "qbwg0"),
+        )
+
+    def test_boundInterface(self) -> None:
+        """With bind_interface, the path of traffic through that interface counts."""
+        self.namespace.ip("route", "add", "default", "via", "198.51.100.1")
+        self.wgQuick()
+        result = self.resolve(bindInterface="qblan0")
+        self.assertEqual(
+            (result["gateway"], result["interface"]), ("198.51.100.1", "qblan0")
+        )
+
+
+if __name__ == "__main__":
+    resolveHere(*sys.argv[1:3])

@@ -262,8 +262,11 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(len(self.transport.written), 3)
 
 
+CLIENT = "198.51.100.2"
+
+
 def config(**portmap: object) -> Config:
-    settings: dict[str, object] = {"gateway": GATEWAY}
+    settings: dict[str, object] = {"gateway": GATEWAY, "bind_address": CLIENT}
     settings.update(portmap)
     return Config(portmap=PortmapConfig(**settings))  # type: ignore[arg-type]
 
@@ -690,7 +693,7 @@ class DaemonTests(SourceTestCase):
     def test_listensForAnnouncements(self) -> None:
         """The daemon joins 224.0.0.1 on port 5350."""
         self.started()
-        self.assertEqual(self.announcementPort().groups, [("224.0.0.1", "")])
+        self.assertEqual(self.announcementPort().groups, [("224.0.0.1", CLIENT)])
 
     def announcedAfterMapping(
         self, datagram: bytes, sender: tuple[str, int] = SERVER

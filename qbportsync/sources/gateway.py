@@ -1,9 +1,12 @@
 """
-Where to send port-mapping requests, and from which local address.
+Where to send port-mapping requests, and from which local address: the
+path that internet traffic takes, as the kernel routes it.
 
-The gateway comes from C{[portmap] gateway}, else from the routing table:
-/proc/net/route on Linux, C{route -n get default} on macOS.  The parsers are
-pure functions; only the small C{resolve*} functions touch the system.
+Linux asks the kernel which route a packet to a public address would take
+(netlink RTM_GETROUTE, policy rules included, nothing sent), so a VPN whose
+default route hides in its own table (wg-quick's table 51820) is found and
+the home router behind it is never asked.  macOS asks C{route -n get}.  The
+decisions are pure functions; only the C{resolve*} functions touch the system.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.utils import getProcessOutput
 
 from qbportsync.config import Config, ConfigError
-from qbportsync.interfaces import SourceError
+from qbportsync.interfaces import SourceError, SourceUnavailable
+from qbportsync.netlink import RouteAnswer, RouteError, lookupRoute, tableName
 
-PROC_NET_ROUTE = "/proc/net/route"
-_RTF_UP = 0x1
-_RTF_GATEWAY = 0x2
+ROUTE_KEY = "1.1.1.1"
+"""
+A public address used only as the key of a route lookup, standing for "the
+internet": nothing is ever sent to it.
+"""
+
 _SIOCGIFADDR = {"linux": 0x8915, "darwin": 0xC0206921}
 _IFNAMSIZ = 16
 
@@ -31,80 +38,70 @@ PROTON_HINT = 'set [portmap] gateway, e.g. gateway = "10.2.0.1" for ProtonVPN'
 
 
 @frozen
-class Route:
-    """One IPv4 route of the main table."""
+class GatewayPath:
+    """The gateway to ask and the local end of the path towards it."""
 
-    interface: str
-    destination: str
     gateway: str
-    """Empty when the route has no next hop (point-to-point or on-link)."""
-    prefixLength: int
-    metric: int
+    source: str
+    """The local address to send from (and to name as PCP client address);
+    empty when the system did not say (then any)."""
+    interface: str
+    route: str
+    """The route, for humans: "1.1.1.1 dev wg0 table 51820 src 10.2.0.2"."""
 
 
-def _procAddress(field: str) -> str:
-    # The kernel prints the network-order address as a native-endian integer.
-    return str(IPv4Address(int(field, 16).to_bytes(4, sys.byteorder)))
-
-
-def parseProcNetRoute(text: str) -> list[Route]:
-    """The usable routes (flag RTF_UP) in the text of /proc/net/route."""
-    routes = []
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 8:
-            continue
-        try:
-            flags = int(fields[3], 16)
-            mask = IPv4Address(_procAddress(fields[7]))
-            route = Route(
-                interface=fields[0],
-                destination=_procAddress(fields[1]),
-                gateway=_procAddress(fields[2]) if flags & _RTF_GATEWAY else "",
-                prefixLength=bin(int(mask)).count("1"),
-                metric=int(fields[6]),
-            )
-        except ValueError:
-            continue
-        if flags & _RTF_UP:
-            routes.append(route)
-    return routes
-
-
-def gatewayFromRoutes(routes: list[Route], interface: str = "") -> str:
-    """
-    The next hop of the default route, or with C{interface} of the widest
-    route through that interface (OpenVPN replaces the default with 0/1 and
-    128/1).  Raises L{ConfigError} naming the fix when there is none.
-    """
+def describeRoute(answer: RouteAnswer, interface: str) -> str:
+    """A route lookup's answer written as C{ip route get} writes it."""
+    words = [answer.destination or ROUTE_KEY]
+    if answer.gateway:
+        words += ["via", answer.gateway]
     if interface:
-        candidates = [r for r in routes if r.interface == interface]
-        if not candidates:
+        words += ["dev", interface]
+    words += ["table", tableName(answer.table)]
+    if answer.source:
+        words += ["src", answer.source]
+    return " ".join(words)
+
+
+def pathFromRoute(answer: RouteAnswer, interface: str, config: Config) -> GatewayPath:
+    """
+    The path for a route lookup's C{answer}: towards the configured gateway,
+    else to the internet, whose next hop is then the gateway.  Raises
+    L{ConfigError} naming the fix when that route has no next hop (WireGuard).
+    """
+    route = describeRoute(answer, interface)
+    gateway = config.portmap.gateway
+    if not gateway:
+        if not answer.gateway:
             raise ConfigError(
-                f"no route goes through [net] bind_interface {interface!r}, so "
-                f"the VPN gateway cannot be discovered; is the VPN up? Or {PROTON_HINT}"
+                f"the route internet traffic takes ({route}) has no gateway (a "
+                f"point-to-point tunnel such as WireGuard); {PROTON_HINT}"
             )
-        via = [r for r in candidates if r.gateway]
-        if not via:
-            raise ConfigError(
-                f"the routes through {interface!r} have no gateway (a "
-                f"point-to-point link such as WireGuard); {PROTON_HINT}"
-            )
-        best = min(via, key=lambda r: (r.prefixLength, r.metric))
-        return best.gateway
-    defaults = [r for r in routes if r.prefixLength <= 1]
-    if not defaults:
-        raise ConfigError(
-            f"there is no default route to find a gateway on; {PROTON_HINT}"
+        gateway = answer.gateway
+    source = config.portmap.bind_address or answer.source
+    return GatewayPath(gateway, source, interface, route)
+
+
+def _linuxPath(config: Config) -> GatewayPath:
+    destination = config.portmap.gateway or ROUTE_KEY
+    bindInterface = config.net.bind_interface
+    try:
+        answer = lookupRoute(destination, bindInterface)
+        interface = socket.if_indextoname(answer.interfaceIndex)
+    except (RouteError, OSError) as e:
+        through = (
+            f" through [net] bind_interface {bindInterface!r}" if bindInterface else ""
         )
-    # The most specific wins: OpenVPN's 0/1 + 128/1 over the LAN's 0/0.
-    best = min(defaults, key=lambda r: (-r.prefixLength, r.metric))
-    if not best.gateway:
-        raise ConfigError(
-            f"the default route goes straight out of {best.interface!r} with no "
-            f"gateway (WireGuard is point-to-point); {PROTON_HINT}"
-        )
-    return best.gateway
+        if config.portmap.gateway:
+            raise SourceError(
+                f"no route to gateway {destination}{through} ({e.strerror}); "
+                "is the VPN up?"
+            ) from e
+        raise SourceUnavailable(
+            f"no route to the internet{through} ({e.strerror}) to find a "
+            f"gateway on; is the VPN up? Or {PROTON_HINT}"
+        ) from e
+    return pathFromRoute(answer, interface, config)
 
 
 @frozen
@@ -148,34 +145,6 @@ def gatewayFromDarwinRoute(route: DarwinRoute, interface: str = "") -> str:
     return route.gateway
 
 
-def resolveGateway(reactor: object, config: Config) -> Deferred[str]:
-    """The gateway to ask: configured, or discovered from the routing table."""
-    portmap = config.portmap
-    if portmap.gateway:
-        return succeed(portmap.gateway)
-    if not portmap.autodiscover_gateway:
-        return fail(
-            ConfigError(
-                "[portmap] autodiscover_gateway is off and no gateway is set; "
-                + PROTON_HINT
-            )
-        )
-    interface = config.net.bind_interface
-    if sys.platform == "darwin":
-        d = getProcessOutput("/sbin/route", ["-n", "get", "default"], reactor=reactor)
-        return d.addCallback(
-            lambda out: gatewayFromDarwinRoute(
-                parseRouteGet(out.decode("utf-8", "replace")), interface
-            )
-        )
-    try:
-        with open(PROC_NET_ROUTE, encoding="ascii") as f:
-            routes = parseProcNetRoute(f.read())
-        return succeed(gatewayFromRoutes(routes, interface))
-    except (OSError, ConfigError) as e:
-        return fail(e)
-
-
 def parseIfreqAddress(ifreq: bytes) -> str:
     """The IPv4 address in a C{struct ifreq} that SIOCGIFADDR filled in."""
     if len(ifreq) < _IFNAMSIZ + 8:
@@ -199,10 +168,61 @@ def interfaceAddress(name: str) -> str:
     return parseIfreqAddress(ifreq)
 
 
-def resolveBindAddress(config: Config) -> str:
-    """Local address for the mapping socket: configured, the VPN's, or any."""
-    if config.portmap.bind_address:
-        return config.portmap.bind_address
-    if config.net.bind_interface:
-        return interfaceAddress(config.net.bind_interface)
-    return ""
+def _darwinPath(route: DarwinRoute, config: Config) -> GatewayPath:
+    gateway = config.portmap.gateway or gatewayFromDarwinRoute(
+        route, config.net.bind_interface
+    )
+    source = config.portmap.bind_address or (
+        interfaceAddress(route.interface) if route.interface else ""
+    )
+    text = (
+        f"default via {route.gateway} dev {route.interface}"
+        if route.gateway
+        else (f"default dev {route.interface}")
+    )
+    return GatewayPath(gateway, source, route.interface, text)
+
+
+def resolvePath(reactor: object, config: Config) -> Deferred[GatewayPath]:
+    """
+    The gateway to ask and the local address to ask it from: the configured
+    gateway and the route towards it, else the next hop of the route that
+    internet traffic takes (through [net] bind_interface when set).
+    """
+    portmap = config.portmap
+    if not portmap.gateway and not portmap.autodiscover_gateway:
+        return fail(
+            ConfigError(
+                "[portmap] autodiscover_gateway is off and no gateway is set; "
+                + PROTON_HINT
+            )
+        )
+    if portmap.gateway and portmap.bind_address:
+        # Both ends given: nothing to discover.
+        return succeed(
+            GatewayPath(
+                portmap.gateway,
+                portmap.bind_address,
+                config.net.bind_interface,
+                f"{portmap.gateway} from {portmap.bind_address} (configured)",
+            )
+        )
+    if sys.platform == "darwin":
+        target = portmap.gateway or "default"
+        d = getProcessOutput("/sbin/route", ["-n", "get", target], reactor=reactor)
+        return d.addCallback(
+            lambda out: _darwinPath(
+                parseRouteGet(out.decode("utf-8", "replace")), config
+            )
+        )
+    if not sys.platform.startswith("linux"):
+        if portmap.gateway:
+            route = f"{portmap.gateway} (configured)"
+            return succeed(GatewayPath(portmap.gateway, "", "", route))
+        return fail(
+            SourceUnavailable(f"gateway discovery knows Linux and macOS; {PROTON_HINT}")
+        )
+    try:
+        return succeed(_linuxPath(config))
+    except (ConfigError, SourceError, SourceUnavailable) as e:
+        return fail(e)

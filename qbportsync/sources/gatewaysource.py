@@ -35,7 +35,7 @@ from qbportsync.sources.announce import (
     AnnouncementListener,
     listenForAnnouncements,
 )
-from qbportsync.sources.gateway import resolveBindAddress, resolveGateway
+from qbportsync.sources.gateway import resolvePath
 from qbportsync.sources.lease import (
     EpochTracker,
     Grant,
@@ -162,8 +162,15 @@ class GatewaySource:
             return mapped
 
     async def _open(self) -> Mapper:
-        self._gateway = await resolveGateway(self._reactor, self._config)
-        self._bindAddress = resolveBindAddress(self._config)
+        path = await resolvePath(self._reactor, self._config)
+        _log.debug(
+            "asking gateway {gateway} from {source} ({route})",
+            gateway=path.gateway,
+            source=path.source or "any address",
+            route=path.route,
+        )
+        self._gateway = path.gateway
+        self._bindAddress = path.source
         self._epochs = EpochTracker(self._isEpochReset)
         self._mapper = self._protocols[self._index].open(
             MapperContext(
