@@ -239,6 +239,9 @@ class PortSync(Service):
         if result.applied:
             self._metrics.port_updates.inc()
         if self._contest is not None:
+            # Each round sets the same port again: only a new one is news.
+            if result.applied and result.port != self._status.applied_port:
+                self._onNewPort(result)
             self._contestRound(result)
         elif result.applied:
             _log.info(

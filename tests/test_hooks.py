@@ -29,7 +29,7 @@ from qbportsync.hooks import (
 )
 from qbportsync.interfaces import ApplyResult, Forwarded
 from qbportsync.metrics import Metrics
-from qbportsync.sync import PortSync
+from qbportsync.sync import CONTEST_FIRST_SECS, PortSync
 from tests.fakes import FakeSink, FakeSource
 
 HOOK = "/usr/local/bin/open-port"
@@ -376,7 +376,7 @@ class SyncHookTests(SynchronousTestCase):
         """No call when qBittorrent did not keep the port, or already had it."""
         self.source.emit(40000)
         self.sink.succeed(verified=False)
-        self.clock.advance(2)
+        self.clock.advance(CONTEST_FIRST_SECS)
         self.sink.succeed()
         self.source.emit(40000)
         self.source.emit(40001)
