@@ -6,6 +6,10 @@ path, and returns a `Config`.  Anything wrong raises `ConfigError`, whose
 message names the file, the dotted key and what is allowed, and never carries
 a password or API key.  Secrets readable by other users are not an error:
 they are logged as warnings through `twisted.logger` and loading goes on.
+Files that other users could change are an error, as OpenSSH holds them:
+the configuration, the password, CA and hook files, and every directory
+above them, must be owned by root or by the user running qbportsync and
+writable by their owner only (`checkTrusted`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import ipaddress
 import json
 import math
 import os
+import pwd
 import shutil
 import stat
 import sys
@@ -24,6 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from attrs import field, frozen
 from twisted.logger import Logger
+
+from qbportsync.urls import redact
 
 _log = Logger()
 
@@ -208,8 +215,72 @@ def loadConfig(
         if search is None:
             search = searchPath(environ, platform)
         found = findConfig(search)
-    tables = {} if found is None else _readToml(found)
-    return _Loader(found, environ, os.getuid() if uid is None else uid).build(tables)
+    if uid is None:
+        uid = os.getuid()
+    tables = {}
+    if found is not None:
+        tables = _readToml(found)
+        problem = checkTrusted(found, uid)
+        if problem is not None:
+            raise ConfigError(f"{found}: other users could change it: {problem}")
+    return _Loader(found, environ, uid).build(tables)
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _pathChain(path: str, follow: bool) -> list[str]:
+    """C{path} and each directory above it, from the root down."""
+    path = os.path.realpath(path) if follow else os.path.abspath(path)
+    chain = [path]
+    while (parent := os.path.dirname(chain[-1])) != chain[-1]:
+        chain.append(parent)
+    return chain[::-1]
+
+
+def checkTrusted(path: str, uid: int) -> str | None:
+    """
+    Why someone other than root or C{uid} could change what C{path} holds,
+    with the command that fixes it, or L{None} when no one else can.
+
+    Like OpenSSH's checks of its own files: C{path} and every directory
+    above it, both as written (a symbolic link on the way must belong to
+    root or C{uid} too) and with links resolved, must be owned by root or
+    C{uid} and writable by their owner only.  A directory with the sticky
+    bit (C{/tmp}) is fine: there no one can replace what another user owns,
+    and what lies below it is checked for its owner.
+    """
+    trusted = {0, uid}
+    for follow in (False, True):
+        for step in _pathChain(path, follow):
+            try:
+                info = os.lstat(step)
+            except OSError as e:
+                return f"cannot check who may change {step}: {e.strerror}"
+            if info.st_uid not in trusted:
+                return (
+                    f"{step} belongs to {_owner(info.st_uid)}, "
+                    f"not to root or {_owner(uid)}; fix it with: chown root {step}"
+                )
+            mode = stat.S_IMODE(info.st_mode)
+            if (
+                stat.S_ISLNK(info.st_mode)
+                or not mode & 0o022
+                or (stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX)
+            ):
+                continue
+            who = {0o020: "its group", 0o002: "all users"}.get(
+                mode & 0o022, "its group and all users"
+            )
+            return (
+                f"{step} is writable by {who} (mode {mode:04o}), not only by its "
+                f"owner; fix it with: chmod go-w {step}"
+            )
+    return None
 
 
 def _readToml(path: str) -> dict[str, object]:
@@ -410,13 +481,17 @@ class _Loader:
         if passwordFile:
             path = _expandUser(passwordFile, self.environ)
             filePassword = self.readPassword(section, path)
+            self.requireTrusted(section, "password_file", path)
             self.warnIfShared(path, "a password")
+        caFile = section.readableFile("ca_file", self.environ)
+        if caFile is not None:
+            self.requireTrusted(section, "ca_file", caFile)
         return QBittorrentConfig(
             base_url=self.baseURL(section, "base_url", defaults.base_url),
             username=section.string("username", defaults.username),
             password=(password or self.environ.get(PASSWORD_ENV, "") or filePassword),
             api_key=apiKey or self.environ.get(API_KEY_ENV, ""),
-            ca_file=section.readableFile("ca_file", self.environ),
+            ca_file=caFile,
             timeout_secs=section.seconds("timeout_secs", defaults.timeout_secs),
             verify_interval_secs=section.seconds(
                 "verify_interval_secs", defaults.verify_interval_secs
@@ -426,18 +501,21 @@ class _Loader:
     def baseURL(self, section: _Section, key: str, default: str) -> str:
         value = section.string(key, default)
         allowed = (
-            'an http:// or https:// URL with a host, such as "http://127.0.0.1:8080"'
+            "an http:// or https:// URL with a host and no query or fragment, "
+            'such as "http://127.0.0.1:8080"'
         )
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 -- raises ValueError when out of range
         except ValueError:
-            raise section.fail(key, f"must be {allowed}") from None
+            raise section.fail(
+                key, f"must be {allowed}, got {_describe(redact(value))}"
+            ) from None
         if "@" in parts.netloc:
-            # Never echo it: the user name and password would be in the message.
             raise section.fail(
                 key,
-                "must not carry a user name or password; "
+                "must not carry a user name or password, "
+                f"got {_describe(redact(value))}; "
                 f"use {section.name}.username and {section.name}.password",
             )
         if (
@@ -447,7 +525,10 @@ class _Loader:
             or parts.fragment
             or any(c.isspace() for c in value)
         ):
-            raise section.fail(key, f"must be {allowed}, got {_describe(value)}")
+            # Printed without what may be a secret: credentials, query, fragment.
+            raise section.fail(
+                key, f"must be {allowed}, got {_describe(redact(value))}"
+            )
         return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
 
     def readPassword(self, section: _Section, path: str) -> str:
@@ -463,6 +544,14 @@ class _Loader:
                 "password_file", f"must name a UTF-8 text file, but {path} is not"
             ) from None
         return text.removesuffix("\n").removesuffix("\r")
+
+    def requireTrusted(self, section: _Section, key: str, path: str) -> None:
+        """Refuse a file named by C{key} that other users could change."""
+        problem = checkTrusted(path, self.uid)
+        if problem is not None:
+            raise section.fail(
+                key, f"names {path}, which other users could change: {problem}"
+            )
 
     def warnIfShared(self, path: str, holds: str) -> None:
         try:
@@ -517,11 +606,14 @@ class _Loader:
         enabled = section.boolean("enabled", defaults.enabled)
         port = section.port("port", defaults.port)
         if enabled and port == 0:
-            raise section.fail(
-                "port",
-                f"must be a whole number from 1 to 65535 when {section.name}.enabled "
-                "is true, got 0",
+            # As in the reference: port 0 means "not served", not an error.
+            _log.info(
+                "{file}: {section}.enabled is true but {section}.port is 0: "
+                "not serving it",
+                file=self.file,
+                section=section.name,
             )
+            enabled = False
         return ListenConfig(
             enabled=enabled,
             port=port,
@@ -612,4 +704,5 @@ class _Loader:
                 f"names {path}, which is not an executable file "
                 f"(fix it with: chmod +x {path}, or name the right program)",
             )
+        self.requireTrusted(section, "on_change", path)
         return os.path.abspath(path)

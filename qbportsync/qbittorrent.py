@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from qbportsync.config import ConfigError, QBittorrentConfig
 from qbportsync.interfaces import ApplyResult, IPortSink
+from qbportsync.urls import redact
 
 _log = Logger()
 
@@ -122,7 +123,7 @@ class QBittorrentClient:
         url = URL.from_text(config.base_url).replace(userinfo="", query=(), fragment="")
         if ":" in url.host:
             raise ConfigError(
-                f"[qbittorrent] base_url {config.base_url}: IPv6 address "
+                f"[qbittorrent] base_url {redact(config.base_url)}: IPv6 address "
                 "literals do not work with treq (hyperlink issue #68); use a "
                 "host name for that address, such as localhost"
             )
@@ -398,7 +399,7 @@ class QBittorrentClient:
             if 300 <= response.code < 400:
                 location = response.headers.getRawHeaders("location", [""])[0]
                 raise QBittorrentError(
-                    f"{url} redirects to {location!r}: set base_url to the "
+                    f"{url} redirects to {redact(location)!r}: set base_url to the "
                     "address qBittorrent answers at"
                 )
             return response.code, body

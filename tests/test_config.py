@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 
@@ -11,6 +14,7 @@ from hypothesis import strategies as st
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+import qbportsync
 from qbportsync.config import (
     Config,
     ConfigError,
@@ -336,6 +340,25 @@ class ValueTests(ConfigTestCase):
             config.health, ListenConfig(enabled=True, port=9000, address="0.0.0.0")
         )
 
+    def test_metricsPortZeroNotServed(self) -> None:
+        """metrics enabled with port 0 means "not served", as in the reference."""
+        with capturedLogs() as events:
+            config = self.load("[metrics]\nenabled = true\nport = 0\n")
+        self.assertEqual(config.metrics, ListenConfig(enabled=False, port=0))
+        self.assertIn(
+            "metrics.enabled is true but metrics.port is 0: not serving it",
+            formatEvent(events[-1]),
+        )
+
+    def test_healthServedWithoutMetrics(self) -> None:
+        """With metrics not served, health on its own port still is."""
+        config = self.load(
+            "[metrics]\nenabled = true\nport = 0\n"
+            "[health]\nenabled = true\nport = 9001\n"
+        )
+        self.assertEqual(config.metrics.enabled, False)
+        self.assertEqual(config.health, ListenConfig(enabled=True, port=9001))
+
     def test_healthPortZeroWithMetricsPortOnly(self) -> None:
         """Health port 0 follows metrics.port even while metrics is disabled."""
         config = self.load("[metrics]\nport = 9100\n[health]\nenabled = true\n")
@@ -441,11 +464,6 @@ class ErrorTests(ConfigTestCase):
         message = self.loadError(f"[{section}]\n{name} = {port}\n")
         self.assertIn(f"{section}.{name} must be a whole number", message)
         self.assertIn(f"got {port}", message)
-
-    def test_enabledListenerNeedsPort(self) -> None:
-        """metrics enabled with port 0 is refused, naming metrics.port."""
-        message = self.loadError("[metrics]\nenabled = true\n")
-        self.assertIn("metrics.port must be a whole number from 1 to 65535", message)
 
     def test_healthPortZeroWithoutMetricsPort(self) -> None:
         """Health port 0 with no metrics port to share is refused."""
@@ -756,8 +774,34 @@ class SecretLeakTests(ConfigTestCase):
             f'[qbittorrent]\nbase_url = "http://admin:{SECRET}@qb.example:99999"\n',
             f'[qbittorrent]\npassword = "{SECRET}"\n[qbittorrent]\n',
             f'password = "{SECRET}"\n',
+            f'[qbittorrent]\nbase_url = "http://qb.example/?token={SECRET}"\n',
+            f'[qbittorrent]\nbase_url = "http://qb.example/#{SECRET}"\n',
+            f'[qbittorrent]\nbase_url = "http://u:{SECRET}@qb.example:1/?{SECRET}"\n',
+            f'[qbittorrent]\nbase_url = "http://u:{SECRET}/x@[::1"\n',
+            f'[gluetun]\nurl = "http://127.0.0.1:8000/?apikey={SECRET}"\n',
         ]:
             self.assertNotIn(SECRET, self.loadError(text), text)
+
+    def test_badURLShownRedacted(self) -> None:
+        """A refused URL is shown with its credentials and query hidden."""
+        message = self.loadError(
+            f'[qbittorrent]\nbase_url = "https://qb.example/x?apikey={SECRET}"\n'
+        )
+        self.assertIn(
+            "qbittorrent.base_url must be an http:// or https:// URL with a host "
+            'and no query or fragment, such as "http://127.0.0.1:8080", '
+            'got "https://qb.example/x?***"',
+            message,
+        )
+        message = self.loadError(
+            f'[qbittorrent]\nbase_url = "http://admin:{SECRET}@qb.example"\n'
+        )
+        self.assertIn(
+            "qbittorrent.base_url must not carry a user name or password, "
+            'got "http://***@qb.example"; use qbittorrent.username and '
+            "qbittorrent.password",
+            message,
+        )
 
     def test_wrongTypeSecretShowsOnlyType(self) -> None:
         """A password of the wrong type is described by its type, not value."""
@@ -887,3 +931,153 @@ class HooksConfigTests(ConfigTestCase):
         for text in ['on_change = "/bin/true"', "on_change = [1]", 'on_change = [""]']:
             message = self.loadError(f"[hooks]\n{text}\n")
             self.assertIn("hooks.on_change must", message)
+
+
+NOBODY = 65534
+"""Another user: what root's tests give files to, to play someone else."""
+
+
+class IntegrityTests(ConfigTestCase):
+    """
+    Files that someone other than root or us could change are refused, as
+    OpenSSH refuses them: real files and directories, with real owners.
+    """
+
+    def directory(self, mode: int = 0o755, owner: int = 0) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.mkdir(path)
+        os.chmod(path, mode)
+        os.chown(path, owner, -1)
+        return path
+
+    def place(
+        self, directory: str, name: str, text: str, mode: int = 0o600, owner: int = 0
+    ) -> str:
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        os.chown(path, owner, -1)
+        return path
+
+    def refused(self, path: str, uid: int = 4242) -> str:
+        message = str(self.assertRaises(ConfigError, loadConfig, path, ENV, uid=uid))
+        self.assertTrue(message.startswith(f"{path}: other users could change it: "))
+        return message
+
+    def test_worldWritableConfig(self) -> None:
+        """A config file anyone can write is refused with the chmod that fixes it."""
+        path = self.place(self.directory(), "config.toml", "", mode=0o666)
+        self.assertEqual(
+            self.refused(path),
+            f"{path}: other users could change it: {path} is writable by its group "
+            f"and all users (mode 0666), not only by its owner; fix it with: "
+            f"chmod go-w {path}",
+        )
+
+    def test_groupWritableConfig(self) -> None:
+        """Write access for the group alone is enough to refuse."""
+        path = self.place(self.directory(), "config.toml", "", mode=0o620)
+        self.assertIn("is writable by its group (mode 0620)", self.refused(path))
+
+    def test_foreignOwner(self) -> None:
+        """A config file of another user is refused with the chown that fixes it."""
+        path = self.place(self.directory(), "config.toml", "", owner=NOBODY)
+        self.assertEqual(
+            self.refused(path),
+            f"{path}: other users could change it: {path} belongs to uid 65534 "
+            "(nobody), not to root or uid 4242; fix it with: chown root "
+            f"{path}",
+        )
+
+    def test_ownFileOfTheRunningUser(self) -> None:
+        """The user running qbportsync may own its files and directories."""
+        directory = self.directory(owner=NOBODY)
+        path = self.place(directory, "config.toml", "[qbittorrent]\n", owner=NOBODY)
+        self.assertEqual(loadConfig(path, ENV, uid=NOBODY).path, path)
+
+    def test_writableDirectoryAbove(self) -> None:
+        """A directory above it that others can write is named, with its fix."""
+        outer = self.directory(mode=0o777)
+        inner = os.path.join(outer, "qb-port-sync")
+        os.mkdir(inner, 0o755)
+        path = self.place(inner, "config.toml", "")
+        message = self.refused(path)
+        self.assertIn(
+            f"{outer} is writable by its group and all users (mode 0777)", message
+        )
+        self.assertTrue(message.endswith(f"fix it with: chmod go-w {outer}"), message)
+
+    def test_foreignDirectoryAbove(self) -> None:
+        """A directory above it that another user owns is refused."""
+        outer = self.directory(owner=NOBODY)
+        path = self.place(outer, "config.toml", "")
+        self.assertIn(f"{outer} belongs to uid 65534", self.refused(path))
+
+    def test_stickyDirectory(self) -> None:
+        """In a sticky directory (like /tmp) our own file is accepted."""
+        sticky = self.directory(mode=0o1777)
+        path = self.place(sticky, "config.toml", "[qbittorrent]\n")
+        self.assertEqual(loadConfig(path, ENV, uid=4242).path, path)
+
+    def test_stickyDirectoryForeignFile(self) -> None:
+        """In a sticky directory a file of another user is still refused."""
+        sticky = self.directory(mode=0o1777)
+        path = self.place(sticky, "config.toml", "", owner=NOBODY)
+        self.assertIn(f"fix it with: chown root {path}", self.refused(path))
+
+    def test_foreignSymlink(self) -> None:
+        """A link of another user in a sticky directory could be re-pointed."""
+        good = self.place(self.directory(), "config.toml", "")
+        link = os.path.join(self.directory(mode=0o1777), "config.toml")
+        os.symlink(good, link)
+        os.lchown(link, NOBODY, -1)
+        self.assertIn(f"{link} belongs to uid 65534", self.refused(link))
+
+    def test_symlinkIntoWritableDirectory(self) -> None:
+        """Through a good link, the real file's directories are checked too."""
+        writable = self.directory(mode=0o777)
+        target = self.place(writable, "config.toml", "")
+        link = os.path.join(self.directory(), "config.toml")
+        os.symlink(target, link)
+        self.assertIn(
+            f"fix it with: chmod go-w {os.path.realpath(writable)}", self.refused(link)
+        )
+
+    def test_secretFiles(self) -> None:
+        """password_file, ca_file and the hook program are held to the same rule."""
+        writable = self.directory(mode=0o777)
+        password = self.place(writable, "password", SECRET)
+        ca = self.place(self.directory(), "ca.pem", "", owner=NOBODY)
+        hook = self.place(self.directory(), "hook", "#!/bin/sh\n", mode=0o757)
+        for key, value, problem in [
+            ("qbittorrent.password_file", password, f"chmod go-w {writable}"),
+            ("qbittorrent.ca_file", ca, f"chown root {ca}"),
+            ("hooks.on_change", [hook], f"chmod go-w {hook}"),
+        ]:
+            section, name = key.split(".")
+            message = self.loadError(f"[{section}]\n{name} = {json.dumps(value)}\n")
+            self.assertIn(
+                f"{key} names {value[0] if isinstance(value, list) else value}, "
+                "which other users could change: ",
+                message,
+            )
+            self.assertTrue(message.endswith(problem), message)
+            self.assertNotIn(SECRET, message)
+
+    def test_exitCode(self) -> None:
+        """The daemon refuses to start with exit status 2, naming the fix."""
+        path = self.place(self.directory(), "config.toml", "", mode=0o646)
+        # The package under test, wherever this test imported it from.
+        source = os.path.dirname(os.path.dirname(os.path.abspath(qbportsync.__file__)))
+        result = subprocess.run(
+            [sys.executable, "-m", "qbportsync", "--once", "--config", path],
+            env={**os.environ, "PYTHONPATH": source},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn(f"{path} is writable by all users (mode 0646)", result.stderr)
+        self.assertIn(f"fix it with: chmod go-w {path}", result.stderr)
