@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
@@ -30,7 +33,7 @@ from qbportsync.sources import portfilereader
 from qbportsync.sources.portfile import PortFileSource
 from qbportsync.sources.portfilereader import NotARegularFile, readPortFile
 from qbportsync.tap import inotifyFactory
-from tests.rig import requireTool, stopProcess
+from tests.rig import requireTool, stopProcess, waitFor
 
 NOBODY = 65534
 
@@ -412,3 +415,159 @@ class SourceProcessTests(SynchronousTestCase):
         self.assertEqual(once["error"], "SourceUnavailable")
         self.assertIn(f"the directory {self.dir}", once["message"])
         self.assertIn("setfacl", once["message"])
+
+
+def freeLoopbackPort() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ProgramTests(SynchronousTestCase):
+    """
+    The daemon and the one-shot, as users run them, given hostile port
+    files; qBittorrent is not needed: the port file is read first.
+    """
+
+    secret = "hunter2-the-qbittorrent-password"
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.dir = self.base / "vpn"
+        self.dir.mkdir(parents=True)
+        self.file = self.dir / "forwarded_port"
+        self.file.write_text("40000")
+        (self.base / "secret").write_text(self.secret + "\n")
+        self.healthPort = freeLoopbackPort()
+        self.config = self.base / "config.toml"
+        self.config.write_text(
+            "[qbittorrent]\n"
+            # Nothing listens on the discard port: no port is ever applied.
+            'base_url = "http://127.0.0.1:9"\n'
+            'username = "admin"\n'
+            "[protonvpn]\n"
+            f'forwarded_port_path = "{self.file}"\n'
+            "[metrics]\n"
+            "enabled = true\n"
+            f"port = {self.healthPort}\n"
+            "[health]\n"
+            "enabled = true\n"
+        )
+        self.runs = 0
+
+    def spawn(self, *argv: str) -> tuple[subprocess.Popen[bytes], Path]:
+        """C{python -m qbportsync ARGV}, its output in a file; stopped in cleanup."""
+        root = str(Path(__file__).parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [root, *filter(None, [env.get("PYTHONPATH")])]
+        )
+        env["QB_PORT_SYNC_QB_PASSWORD"] = "not-the-secret"
+        self.runs += 1
+        output = self.base / f"run-{self.runs}.out"
+        with open(output, "wb") as out, open(output.with_suffix(".err"), "wb") as err:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "qbportsync",
+                    *argv,
+                    "--config",
+                    str(self.config),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=self.base,
+            )
+        self.addCleanup(stopProcess, process)
+        return process, output
+
+    def replace(self, make: Callable[[Path], None]) -> None:
+        """Make a new file with C{make} and rename it over the port file."""
+        temporary = self.dir / "new"
+        make(temporary)
+        os.replace(temporary, self.file)
+
+    def get(self, path: str) -> tuple[int, bytes, float]:
+        """GET C{path} on the health port: status, body, seconds it took."""
+        started = time.monotonic()
+        url = f"http://127.0.0.1:{self.healthPort}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                code, body = response.status, response.read()
+        except urllib.error.HTTPError as e:
+            code, body = e.code, e.read()
+        return code, body, time.monotonic() - started
+
+    def status(self) -> dict[str, Any]:
+        try:
+            body = self.get("/status")[1]
+        except OSError:
+            return {}
+        status: dict[str, Any] = json.loads(body)
+        return status
+
+    def test_daemonShowsTroubleAndKeepsAnswering(self) -> None:
+        """/status names each hostile file, /healthz answers 503 at once meanwhile."""
+        daemon, output = self.spawn("--strategy", "file")
+        waitFor(lambda: self.status().get("source_port") == 40000, "port 40000")
+        for make, problem in [
+            (os.mkfifo, "is a FIFO, not a regular file"),
+            (
+                lambda p: p.symlink_to(self.base / "secret"),
+                f"holds {len(self.secret) + 1} bytes that are not a port number",
+            ),
+        ]:
+            cause = f"The port file {self.file} {problem}"
+            self.replace(make)
+            waitFor(lambda c=cause: self.status().get("source_trouble") == c, cause)
+            code, _, seconds = self.get("/healthz")
+            self.assertEqual(code, 503)
+            self.assertLess(seconds, 2)
+        self.replace(lambda p: p.write_text("40001\n"))
+        waitFor(
+            lambda: (
+                self.status().get("source_port") == 40001
+                and self.status().get("source_trouble") is None
+            ),
+            "port 40001 and no trouble",
+        )
+        stopProcess(daemon)
+        logged = output.read_text() + output.with_suffix(".err").read_text()
+        self.assertIn("is a FIFO, not a regular file", logged)
+        self.assertNotIn("hunter2", logged)
+
+    def once(self) -> tuple[int, dict[str, Any], str, float]:
+        """Run --once --json: exit code, JSON line, all output, seconds."""
+        started = time.monotonic()
+        process, output = self.spawn("--once", "--json", "--strategy", "file")
+        code = process.wait(30)
+        elapsed = time.monotonic() - started
+        stdout = output.read_text()
+        lines = stdout.splitlines()
+        self.assertEqual(len(lines), 1, stdout)
+        everything = stdout + output.with_suffix(".err").read_text()
+        return code, json.loads(lines[0]), everything, elapsed
+
+    def test_oneShotNotes(self) -> None:
+        """--once --json says what is wrong in its note, never what the file holds."""
+        self.replace(lambda p: p.symlink_to(self.base / "secret"))
+        code, result, everything, _ = self.once()
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            result["note"],
+            f"The port file {self.file} holds {len(self.secret) + 1} bytes that "
+            "are not a port number",
+        )
+        self.assertNotIn("hunter2", everything)
+        self.replace(os.mkfifo)
+        code, result, _, elapsed = self.once()
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            result["note"], f"The port file {self.file} is a FIFO, not a regular file"
+        )
+        self.assertLess(elapsed, 20)
