@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -203,10 +204,14 @@ class FakeNotifier:
         factory=list
     )
     closed: bool = False
+    refusing: bool = False
+    """Refuse every watch, as INotify does a directory it may not read."""
 
     def watch(
         self, path: FilePath[str], mask: int, callbacks: list[Callable[..., object]]
     ) -> None:
+        if self.refusing:
+            raise OSError(errno.EACCES, "Permission denied")
         self.watches.append((path, mask, callbacks))
 
     def loseConnection(self) -> None:
@@ -546,6 +551,41 @@ class WatcherTests(SynchronousTestCase):
         self.clock.advance(1.0)
         self.assertEqual(len(self.notifiers), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_watchRefusedReadsAfterWaits(self) -> None:
+        """A directory INotify cannot watch is read after growing waits, warned once."""
+        self.write(b"40000\n")
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def factory() -> Any:
+            notifier = self.makeNotifier()
+            notifier.refusing = len(self.notifiers) <= 2
+            return notifier
+
+        source = PortFileSource(
+            self.clock,
+            self.file,
+            self.metrics,
+            factory,
+            backoff=Backoff(first=0.5, cap=30.0, jitter=0),
+        )
+        source.start(self.seen.append)
+        self.assertEqual(self.ports(), [40000])
+        self.write(b"40001\n")
+        self.clock.advance(0.5)
+        self.assertEqual(self.ports(), [40000, 40001])
+        self.assertTrue(self.notifiers[0].closed)
+        self.clock.advance(1.0)
+        self.assertFalse(self.notifiers[-1].closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn(f"cannot watch {self.dir.path}", formatEvent(warnings[0]))
+        self.assertEqual(
+            formatEvent(events[-1]), f"Following the port file {self.file.path} again"
+        )
 
     def test_stopCloses(self) -> None:
         """Stopping closes INotify and cancels retries; later events do nothing."""

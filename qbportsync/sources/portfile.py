@@ -221,7 +221,9 @@ class PortFileSource:
             os.fsencode(os.path.join(point.directory, point.name)) for point in points
         }
         self._interesting.update(os.fsencode(d) for d in directories)
-        self._watchWarning = None
+        if self._watchWarning is not None:
+            self._watchWarning = None
+            _log.info("Following the port file {path} again", path=self._path.path)
         return True
 
     def _warnWatch(self, why: str) -> None:
