@@ -21,8 +21,14 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from qbportsync._version import __version__
 from qbportsync.config import Config, ConfigError, loadConfig
 from qbportsync.hooks import ChangeHook
-from qbportsync.interfaces import IPortSink, IPortSource, SourceUnavailable
+from qbportsync.interfaces import (
+    INetworkEvents,
+    IPortSink,
+    IPortSource,
+    SourceUnavailable,
+)
 from qbportsync.metrics import Metrics
+from qbportsync.netevents import networkEvents
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
 from qbportsync.sdnotify import SystemdNotifier
 from qbportsync.sources.auto import autoSource
@@ -158,10 +164,11 @@ def makeSource(
     metrics: Metrics,
     sink: IPortSink,
     pool: HTTPConnectionPool | None = None,
+    networkEvents: INetworkEvents | None = None,
 ) -> IPortSource:
     """
     The source for C{strategy}; raises L{SourceUnavailable} where it cannot
-    work.
+    work.  C{networkEvents}: the host's network changes, in the daemon.
     """
 
     def gluetunSource() -> GluetunSource:
@@ -197,6 +204,8 @@ def makeSource(
             config.protonvpn.forwarded_port_path,
             fileSource,
             pcpSource,
+            clock=reactor,
+            networkEvents=networkEvents,
             gluetunURL=config.gluetun.url,
             gluetunSource=gluetunSource,
         )
@@ -228,7 +237,8 @@ def buildService(
 ) -> IService:
     """
     Everything the daemon runs, as one service, from a loaded configuration:
-    PortSync, the metrics and health endpoints, and systemd notification.
+    PortSync, the metrics and health endpoints, systemd notification, and
+    the host's network changes for the parts that follow them.
     Exits with code 2 when a web port cannot be opened, 3 when the strategy
     cannot work here.
     """
@@ -236,8 +246,9 @@ def buildService(
     # Kept-alive connections halve the time of an update (benchmarks/).
     pool = HTTPConnectionPool(reactor, persistent=True)
     sink = makeSink(reactor, config, pool)
+    events = networkEvents(reactor)
     try:
-        source = makeSource(reactor, config, strategy, metrics, sink, pool)
+        source = makeSource(reactor, config, strategy, metrics, sink, pool, events)
     except SourceUnavailable as e:
         print(f"qbportsync: {e}", file=sys.stderr)
         raise SystemExit(EXIT_UNSUPPORTED) from None
@@ -270,7 +281,10 @@ def buildService(
     ready.addCallback(lambda _: notifier.ready())
     top = MultiService()
     # Stopped in reverse order: STOPPING=1 first, connections last.
-    for service in (ConnectionPoolService(pool), sync, web, notifier):
+    ConnectionPoolService(pool).setServiceParent(top)  # type: ignore[no-untyped-call]
+    if events is not None:
+        events.setServiceParent(top)  # type: ignore[no-untyped-call]
+    for service in (sync, web, notifier):
         service.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 

@@ -20,6 +20,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from qbportsync import __version__
 from qbportsync.config import Config, ListenConfig, ProtonVPNConfig
 from qbportsync.metrics import Metrics
+from qbportsync.netevents import KernelEvents
 from qbportsync.sdnotify import SystemdNotifier
 from qbportsync.sources.auto import AutoSource
 from qbportsync.sources.gatewaysource import NATPMPSource, PCPSource
@@ -161,13 +162,15 @@ class BuilderTests(SynchronousTestCase):
         self.assertIn("PCP, then NAT-PMP", source.reason)
 
     def test_buildService(self) -> None:
-        """The daemon's tree: PortSync, the web endpoints, systemd notification."""
+        """The daemon's tree: network events, PortSync, web endpoints, systemd."""
         top = buildService(MemoryReactorClock(), self.config(), "file", {})
         self.assertTrue(IServiceCollection.providedBy(top))
         children = list(top)  # type: ignore[call-overload]
+        hasEvents = sys.platform.startswith("linux") or sys.platform == "darwin"
+        events: list[type] = [KernelEvents] if hasEvents else []
         self.assertEqual(
             [type(c) for c in children],
-            [ConnectionPoolService, PortSync, WebService, SystemdNotifier],
+            [ConnectionPoolService, *events, PortSync, WebService, SystemdNotifier],
         )
 
     def test_webPortInUse(self) -> None:
