@@ -512,30 +512,32 @@ class ProgramTests(SynchronousTestCase):
         return status
 
     def test_daemonShowsTroubleAndKeepsAnswering(self) -> None:
-        """/status names each hostile file, /healthz answers 503 at once meanwhile."""
+        """/status names each bad file, /healthz answers 503 at once meanwhile."""
         daemon, output = self.spawn("--strategy", "file")
         waitFor(lambda: self.status().get("source_port") == 40000, "port 40000")
-        for make, problem in [
-            (os.mkfifo, "is a FIFO, not a regular file"),
+        said = f"The port file {self.file}"
+        for make, cause in [
+            (os.mkfifo, f"{said} is a FIFO, not a regular file"),
             (
                 lambda p: p.symlink_to(self.base / "secret"),
-                f"holds {len(self.secret) + 1} bytes that are not a port number",
+                f"{said} holds {len(self.secret) + 1} bytes that are not a port number",
             ),
+            (
+                lambda p: p.write_text("0\n"),
+                f"{said} holds port 0, which forwards nothing",
+            ),
+            (lambda p: p.write_text("4" * 5000), f"{said} is larger than 4096 bytes"),
+            (lambda p: p.write_text(""), f"The VPN is down: {self.file} is empty"),
         ]:
-            cause = f"The port file {self.file} {problem}"
             self.replace(make)
             waitFor(lambda c=cause: self.status().get("source_trouble") == c, cause)
             code, _, seconds = self.get("/healthz")
             self.assertEqual(code, 503)
             self.assertLess(seconds, 2)
-        self.replace(lambda p: p.write_text("40001\n"))
-        waitFor(
-            lambda: (
-                self.status().get("source_port") == 40001
-                and self.status().get("source_trouble") is None
-            ),
-            "port 40001 and no trouble",
-        )
+            self.assertEqual(self.status()["source_port"], 40000)
+        # The VPN back with the same port: delivered again, the trouble ends.
+        self.replace(lambda p: p.write_text("40000\n"))
+        waitFor(lambda: self.status().get("source_trouble") is None, "no trouble")
         stopProcess(daemon)
         logged = output.read_text() + output.with_suffix(".err").read_text()
         self.assertIn("is a FIFO, not a regular file", logged)
