@@ -77,6 +77,9 @@ class KernelEvents(Service):
 
     def startService(self) -> None:
         Service.startService(self)
+        self._open()
+
+    def _open(self) -> None:
         try:
             self._socket = self._decoder.open()
         except OSError as e:
@@ -102,10 +105,21 @@ class KernelEvents(Service):
         return "network-events"
 
     def connectionLost(self, reason: Failure) -> None:
-        """The reactor gave up on the socket: stop reading it."""
+        """
+        The reactor gave up on the socket (it reported an error with nothing
+        to read): open a new one, and say that something may have changed.
+        """
         sock, self._socket = self._socket, None
         if sock is not None:
             sock.close()
+        if self.running:
+            _log.warn(
+                "the kernel's socket of network changes failed ({reason}); "
+                "opening a new one",
+                reason=reason.getErrorMessage(),
+            )
+            self._open()
+            self._tell(SOMETHING_CHANGED)
 
     def doRead(self) -> None:
         """Read what the kernel has queued and tell each distinct change once."""

@@ -22,7 +22,9 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -578,7 +580,8 @@ class KernelEventsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = FDReactor()
         self.sock = FakeSocket()
-        self.events = KernelEvents(self.reactor, SocketDecoder(self.sock))
+        self.decoder = SocketDecoder(self.sock)
+        self.events = KernelEvents(self.reactor, self.decoder)
         self.seen: list[NetworkChange] = []
         self.events.subscribe(self.seen.append)
         self.events.startService()
@@ -669,12 +672,24 @@ class KernelEventsTests(SynchronousTestCase):
         self.assertEqual((later, len(self.seen)), ([], 1))
 
     def test_connectionLost(self) -> None:
-        """When the reactor gives the socket up, it is closed and reads stop."""
-        self.events.connectionLost(None)  # type: ignore[arg-type]
+        """The reactor gives the socket up: a new one is read, a change is told."""
+        self.decoder.sock = fresh = FakeSocket()
+        self.reactor.removeReader(self.events)
+        self.events.connectionLost(Failure(ConnectionLost("EPOLLERR")))
         self.assertTrue(self.sock.closed)
-        self.sock.incoming.append(link(RTM_NEWLINK, 1, "lo"))
+        self.assertEqual(self.seen, [SOMETHING_CHANGED])
+        self.assertEqual(self.reactor.readers, [self.events])
+        fresh.incoming.append(link(RTM_NEWLINK, 1, "lo"))
         self.events.doRead()
-        self.assertEqual(self.seen, [])
+        self.assertEqual(
+            self.seen, [SOMETHING_CHANGED, NetworkChange("link", "lo", True)]
+        )
+
+    def test_connectionLostStopped(self) -> None:
+        """After the service stopped, a lost socket is just closed."""
+        self.events.stopService()
+        self.events.connectionLost(Failure(ConnectionLost("EPOLLERR")))
+        self.assertEqual((self.seen, self.reactor.readers), ([], []))
 
     def test_cannotOpen(self) -> None:
         """No netlink here: one warning, no reader, stopping still works."""
