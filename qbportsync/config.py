@@ -59,6 +59,8 @@ class QBittorrentConfig:
     ca_file: str | None = None
     timeout_secs: float = 10.0
     verify_interval_secs: float = 30.0
+    check_listener: str = "auto"
+    """"auto", "off", or the IPv4 address to connect to qBittorrent's port on."""
 
 
 @frozen
@@ -131,6 +133,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "ca_file",
         "timeout_secs",
         "verify_interval_secs",
+        "check_listener",
     ),
     "protonvpn": ("forwarded_port_path",),
     "portmap": (
@@ -496,7 +499,22 @@ class _Loader:
             verify_interval_secs=section.seconds(
                 "verify_interval_secs", defaults.verify_interval_secs
             ),
+            check_listener=self.checkListener(section, defaults.check_listener),
         )
+
+    def checkListener(self, section: _Section, default: str) -> str:
+        value = section.string("check_listener", default)
+        if value in ("auto", "off"):
+            return value
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise section.fail(
+                "check_listener",
+                'must be "auto", "off" or an IPv4 address such as "10.2.0.2", '
+                f"got {_describe(value)}",
+            ) from None
+        return value
 
     def baseURL(self, section: _Section, key: str, default: str) -> str:
         value = section.string(key, default)

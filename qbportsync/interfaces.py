@@ -95,6 +95,13 @@ class IPortSink(Interface):
     def listenPort() -> Deferred[int]:
         """The port the sink listens on now."""
 
+    def relisten(port: int, address: str, how: str) -> Deferred[None]:
+        """
+        Make the sink open its listening sockets on C{port} anew, by changing
+        one setting and putting it back: C{how} is C{"address"} (bind to
+        C{address} and back) or C{"port"} (another port and back).
+        """
+
 
 @frozen
 class NetworkChange:

@@ -34,6 +34,9 @@ HOOK_RESULTS = ("ok", "failed", "timeout", "error")
 """How an on-change hook run ended: exit 0; non-zero exit or a signal;
 stopped at its timeout; could not be started."""
 
+HEAL_METHODS = ("address", "port")
+"""How a dead listener is healed, least disruptive first."""
+
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 """The media type of what L{Metrics.exposition} returns."""
 
@@ -75,6 +78,8 @@ class Metrics:
     hook_runs: Counter
     hook_duration: Histogram
     conflicts: Counter
+    listener_dead: Counter
+    listener_heals: Counter
 
     def exposition(self) -> bytes:
         """The Prometheus text format (L{CONTENT_TYPE}) of every metric."""
@@ -96,6 +101,15 @@ class Metrics:
         )
         for kind in ERROR_KINDS:
             errors.labels(kind=kind)
+        heals = Counter(
+            "listener_heals",
+            "Times qBittorrent was made to listen again, by method: address, port.",
+            ["method"],
+            namespace=ns,
+            registry=registry,
+        )
+        for method in HEAL_METHODS:
+            heals.labels(method=method)
         hookRuns = Counter(
             "hook_runs",
             "Runs of the on-change hook by result: ok, failed, timeout, error.",
@@ -178,4 +192,11 @@ class Metrics:
                 namespace=ns,
                 registry=registry,
             ),
+            listener_dead=Counter(
+                "listener_dead",
+                "Times a TCP connect to qBittorrent's port was refused.",
+                namespace=ns,
+                registry=registry,
+            ),
+            listener_heals=heals,
         )

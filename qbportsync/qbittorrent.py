@@ -20,7 +20,7 @@ from hyperlink import URL
 from OpenSSL import SSL
 from service_identity import VerificationError
 from treq.client import HTTPClient
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
@@ -48,6 +48,9 @@ and forgets them only after a good login or a ban, however slowly they come:
 so after this many refusals in a row we stop trying until restarted, leaving
 room for a person's typos in the browser.
 """
+
+RELISTEN_PAUSE_SECS = 0.5
+"""Between changing a setting and putting it back (measured to work on 4.5.2)."""
 
 RefusalReason = Literal["credentials", "banned"]
 
@@ -161,6 +164,36 @@ class QBittorrentClient:
     def listenPort(self) -> defer.Deferred[int]:
         """The port qBittorrent is set to listen on now."""
         return defer.Deferred.fromCoroutine(self._listenPort())
+
+    def relisten(self, port: int, address: str, how: str) -> defer.Deferred[None]:
+        """
+        Make libtorrent open its listening sockets anew, which sending the
+        same settings again does not: C{how="address"} sets
+        C{current_interface_address} to C{address} (or to "" when it is
+        C{address} already) and back, C{how="port"} sets C{listen_port} to a
+        neighbour of C{port} and back.
+        """
+        return defer.Deferred.fromCoroutine(self._relisten(port, address, how))
+
+    async def _relisten(self, port: int, address: str, how: str) -> None:
+        if how == "address":
+            _, prefs = await self._preferences()
+            key = "current_interface_address"
+            original: object = prefs.get(key, "")
+            changed: object = "" if original == address else address
+        else:
+            key, original = "listen_port", port
+            changed = port + 1 if port < 65535 else port - 1
+        for value in (changed, original):
+            await self._call(
+                "POST",
+                "app/setPreferences",
+                {"json": json.dumps({key: value})},
+                (200, 204),
+            )
+            if value == changed:
+                # Two changes in one go could be merged into none.
+                await task.deferLater(self._reactor, RELISTEN_PAUSE_SECS)
 
     def version(self) -> defer.Deferred[str]:
         """qBittorrent's version, such as C{v4.5.2}."""

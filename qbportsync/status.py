@@ -37,6 +37,11 @@ class SyncStatus:
     contested: bool = False
     """Something else keeps changing qBittorrent's port (a tug-of-war)."""
     contested_since: float | None = None
+    listening: bool | None = None
+    """
+    Whether a TCP connect to qBittorrent's port completed at the last
+    check, after any heal; None when not checked.
+    """
 
 
 def unhealthyReason(status: SyncStatus, now: float) -> str | None:
@@ -49,6 +54,8 @@ def unhealthyReason(status: SyncStatus, now: float) -> str | None:
         return f"port {status.source_port} is not applied to qBittorrent yet"
     if status.contested:
         return "something else keeps changing qBittorrent's port"
+    if status.listening is False:
+        return "qBittorrent refuses connections on its port"
     if not status.verified:
         return "qBittorrent's port was not verified"
     if status.last_attempt_failed:
@@ -95,6 +102,7 @@ def statusDocument(status: SyncStatus, now: float) -> dict[str, object]:
         "source_trouble_since": _timestamp(status.source_trouble_since),
         "contested": status.contested,
         "contested_since": _timestamp(status.contested_since),
+        "listening": status.listening,
         "now": _timestamp(now),
     }
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from attrs import define, evolve
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
@@ -22,10 +22,13 @@ from qbportsync.backoff import Backoff
 from qbportsync.interfaces import (
     ApplyResult,
     Forwarded,
+    INetworkEvents,
     IPortSink,
     IPortSource,
+    NetworkChange,
     SourceTrouble,
 )
+from qbportsync.listener import ListenerCheck, ListenerHealer
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import LoginRefused
 from qbportsync.status import SyncStatus
@@ -51,6 +54,11 @@ jitter it is at least 16 s, so one round (at most four requests) per 15 s:
 CONTEST_CAP_SECS = 300.0
 CONTEST_QUIET_SECS = 600.0
 """The tug-of-war is over once our port was kept this long."""
+NETWORK_SETTLE_SECS = 1.0
+"""
+Connect to qBittorrent this long after the last change to the bound
+interface: bringing a VPN up adds its link, address and routes in a burst.
+"""
 CULPRITS = (
     "qBittorrent's own UPnP/NAT-PMP (Tools > Options > Connection), another "
     "script or container setting the port (such as gluetun's "
@@ -89,10 +97,16 @@ class PortSync(Service):
         rnd: Callable[[], float] = random.random,
         onStatus: Callable[[SyncStatus], object] = lambda status: None,
         onNewPort: Callable[[ApplyResult], object] = lambda result: None,
+        healer: ListenerHealer | None = None,
+        networkEvents: INetworkEvents | None = None,
     ) -> None:
         """
         @param onNewPort: called, without waiting for it, each time
             qBittorrent verifiably listens on a port other than before.
+        @param healer: checks that qBittorrent accepts connections on its
+            port, and heals it, after each verify, after C{bindInterface}
+            changed (told by C{networkEvents}), and when the source gives
+            the same port again after trouble (the VPN reconnected).
         """
         self._reactor = reactor
         self._source = source
@@ -119,6 +133,13 @@ class PortSync(Service):
         self._lastApply: tuple[int, float] | None = None
         """The port of the last apply and when it began."""
         self._contest: _Contest | None = None
+        self._healer = healer
+        self._networkEvents = networkEvents
+        self._unsubscribe: Callable[[], None] | None = None
+        self._healing: Deferred[None] | None = None
+        self._pendingCheck: str | None = None
+        """Why the listener must be checked once qBittorrent is left alone."""
+        self._networkSettle: IDelayedCall | None = None
         self._firstAttempt: list[Deferred[None]] | None = []
         self._verifier = LoopingCall(self._verify)
         self._verifier.clock = reactor
@@ -147,15 +168,25 @@ class PortSync(Service):
         )
         self._source.start(self.portSeen)
         self._verifier.start(self._verifyInterval, now=False)
+        if self._healer is not None and self._networkEvents is not None:
+            self._unsubscribe = self._networkEvents.subscribe(self._networkChanged)
 
     def stopService(self) -> Deferred[None]:
         """Stop the source, the timers and any request in flight."""
         Service.stopService(self)
         if self._verifier.running:
             self._verifier.stop()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._networkSettle is not None and self._networkSettle.active():
+            self._networkSettle.cancel()
+        self._networkSettle = None
         self._cancelRetry()
         if self._inFlight is not None:
             self._inFlight.cancel()
+        if self._healing is not None:
+            self._healing.cancel()
         return self._source.stop()
 
     def portSeen(self, seen: Forwarded | SourceTrouble) -> None:
@@ -178,7 +209,8 @@ class PortSync(Service):
 
     def _forwarded(self, forwarded: Forwarded) -> None:
         """Apply a port from the source unless qBittorrent has it already."""
-        if self._status.source_trouble is not None:
+        reconnected = self._status.source_trouble is not None
+        if reconnected:
             _log.info("The port source works again")
             self._setStatus(source_trouble=None, source_trouble_since=None)
         lifetime = None
@@ -203,13 +235,15 @@ class PortSync(Service):
                 self._contest.ours = False
             # A new port is worth trying at once, even while waiting to retry.
             self._cancelRetry()
+        elif reconnected:
+            self._checkListener("the VPN reconnected with the same port")
         self._update()
 
     def _update(self) -> None:
         """Start an update if one is needed and none is running."""
         if self._gaveUp or not self.running:
             return
-        if self._inFlight is not None or self._retry is not None:
+        if self._busy():
             return
         port = self._wanted
         if port is None or port == self._settled:
@@ -263,6 +297,8 @@ class PortSync(Service):
             verified=True,
             last_success=now,
             last_attempt_failed=False,
+            # A new listening socket: what a connect found before is moot.
+            listening=None if result.applied else self._status.listening,
         )
 
     def _conflict(self, port: int, when: str) -> None:
@@ -368,6 +404,67 @@ class PortSync(Service):
         for d in waiting:
             d.callback(None)
         self._update()
+        self._checkPendingListener()
+
+    def _busy(self) -> bool:
+        """An apply, a wait to retry or a heal has qBittorrent's port in hand."""
+        return (
+            self._inFlight is not None
+            or self._retry is not None
+            or self._healing is not None
+        )
+
+    def _networkChanged(self, change: NetworkChange) -> None:
+        """The bound interface (or an unknown one) changed: check soon after."""
+        if self._bindInterface and change.interface not in ("", self._bindInterface):
+            return
+        if self._networkSettle is not None and self._networkSettle.active():
+            self._networkSettle.reset(NETWORK_SETTLE_SECS)
+            return
+        self._networkSettle = self._reactor.callLater(
+            NETWORK_SETTLE_SECS,
+            self._checkListener,
+            f"network interface {change.interface or '?'} changed",
+        )
+
+    def _checkListener(self, trigger: str) -> None:
+        """Connect to qBittorrent's port now, or once it is left alone."""
+        if self._healer is None or not self.running:
+            return
+        port = self._settled
+        if port is None or port != self._wanted or self._busy():
+            self._pendingCheck = trigger
+            return
+        self._pendingCheck = None
+        self._healing = self._healer.check(port, trigger).addCallbacks(
+            self._listenerChecked, self._listenerUncheckable
+        )
+        self._healing.addBoth(self._healed)
+
+    def _checkPendingListener(self) -> None:
+        if self._pendingCheck is not None:
+            self._checkListener(self._pendingCheck)
+
+    def _listenerChecked(self, check: ListenerCheck | None) -> None:
+        listening = None if check is None else check.listening
+        if listening != self._status.listening:
+            self._setStatus(listening=listening)
+
+    def _listenerUncheckable(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return
+        self._metrics.errors.labels(kind="qbittorrent").inc()
+        _log.warn(
+            "Could not make qBittorrent listen again: {why}",
+            why=failure.getErrorMessage(),
+        )
+
+    def _healed(self, result: object) -> None:
+        self._healing = None
+        if isinstance(result, Failure):
+            _log.failure("Unexpected error while checking the listener", result)
+        self._update()
+        self._checkPendingListener()
 
     def _recordError(self, message: str, kind: str) -> None:
         self._metrics.errors.labels(kind=kind).inc()
@@ -399,7 +496,7 @@ class PortSync(Service):
         """Check qBittorrent still listens on our port; set it back if not."""
         if self._wanted is None or self._settled != self._wanted:
             return None
-        if self._inFlight is not None or self._retry is not None:
+        if self._busy():
             return None
         generation = self._generation
         return self._sink.listenPort().addCallbacks(
@@ -418,6 +515,7 @@ class PortSync(Service):
         if port == self._settled:
             if self._status.last_attempt_failed:
                 self._setStatus(verified=True, last_attempt_failed=False)
+            self._checkListener("periodic check")
             return
         settled = self._settled
         assert settled is not None

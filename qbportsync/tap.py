@@ -27,6 +27,7 @@ from qbportsync.interfaces import (
     IPortSource,
     SourceUnavailable,
 )
+from qbportsync.listener import ListenerHealer
 from qbportsync.metrics import Metrics
 from qbportsync.netevents import networkEvents
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
@@ -269,6 +270,14 @@ def buildService(
         verifyInterval=config.qbittorrent.verify_interval_secs,
         onStatus=lambda status: notifier.status(statusLine(status)),
         onNewPort=hook.onNewPort(source.name, config.net.bind_interface),
+        healer=ListenerHealer(
+            reactor,
+            sink,
+            metrics,
+            bindInterface=config.net.bind_interface,
+            check=config.qbittorrent.check_listener,
+        ),
+        networkEvents=events,
     )
     web = makeWebService(reactor, reactor, config, lambda: sync.status, metrics)
     try:

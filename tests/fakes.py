@@ -59,6 +59,7 @@ class FakeSink:
     applies: list[tuple[int, str, Deferred[ApplyResult]]] = field(factory=list)
     checks: list[Deferred[int]] = field(factory=list)
     cancelled: list[int] = field(factory=list)
+    relistens: list[tuple[int, str, str, Deferred[None]]] = field(factory=list)
 
     def apply(self, port: int, bindInterface: str) -> Deferred[ApplyResult]:
         d: Deferred[ApplyResult] = Deferred(lambda d: self.cancelled.append(port))
@@ -68,6 +69,11 @@ class FakeSink:
     def listenPort(self) -> Deferred[int]:
         d: Deferred[int] = Deferred()
         self.checks.append(d)
+        return d
+
+    def relisten(self, port: int, address: str, how: str) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.relistens.append((port, address, how, d))
         return d
 
     def succeed(self, index: int = -1, verified: bool = True) -> None:

@@ -212,6 +212,7 @@ class ExampleFileTests(SynchronousTestCase):
                         "ca_file",
                         "timeout_secs",
                         "verify_interval_secs",
+                        "check_listener",
                     ]
                 ),
                 "protonvpn": ["forwarded_port_path"],
@@ -252,6 +253,7 @@ class ValueTests(ConfigTestCase):
             ca_file = "{caFile}"
             timeout_secs = 5
             verify_interval_secs = 12.5
+            check_listener = "10.2.0.2"
             [protonvpn]
             forwarded_port_path = "/tmp/gluetun/forwarded_port"
             [portmap]
@@ -291,6 +293,7 @@ class ValueTests(ConfigTestCase):
                     ca_file=caFile,
                     timeout_secs=5.0,
                     verify_interval_secs=12.5,
+                    check_listener="10.2.0.2",
                 ),
                 ProtonVPNConfig("/tmp/gluetun/forwarded_port"),
                 PortmapConfig(
@@ -535,6 +538,18 @@ class ErrorTests(ConfigTestCase):
         ]:
             message = self.loadError(f'[portmap]\n{key} = "{value}"\n')
             self.assertIn(f"portmap.{key} must be empty or an IPv4 address", message)
+
+    def test_badCheckListener(self) -> None:
+        """check_listener is "auto", "off" or an IPv4 address."""
+        for value in ["on", "", "::1", "wg0"]:
+            message = self.loadError(f'[qbittorrent]\ncheck_listener = "{value}"\n')
+            self.assertIn(
+                'qbittorrent.check_listener must be "auto", "off" or an IPv4 address',
+                message,
+            )
+        for value in ["auto", "off", "10.2.0.2"]:
+            config = self.load(f'[qbittorrent]\ncheck_listener = "{value}"\n')
+            self.assertEqual(config.qbittorrent.check_listener, value)
 
     def test_badListenAddress(self) -> None:
         """metrics and health addresses must be IP literals, never empty."""

@@ -29,6 +29,8 @@ def _busy() -> Metrics:
     metrics.hook_runs.labels(result="ok").inc()
     metrics.hook_duration.observe(0.02)
     metrics.conflicts.inc()
+    metrics.listener_dead.inc()
+    metrics.listener_heals.labels(method="address").inc()
     return metrics
 
 
@@ -52,6 +54,8 @@ class ExpositionTests(SynchronousTestCase):
                 "qb_port_sync_apply_duration_seconds histogram",
                 "qb_port_sync_qbittorrent_up gauge",
                 "qb_port_sync_conflicts_total counter",
+                "qb_port_sync_listener_dead_total counter",
+                "qb_port_sync_listener_heals_total counter",
                 "qb_port_sync_build_info gauge",
                 "qb_port_sync_hook_runs_total counter",
                 "qb_port_sync_hook_duration_seconds histogram",
@@ -67,6 +71,8 @@ class ExpositionTests(SynchronousTestCase):
             'qb_port_sync_errors_total{kind="gateway"} 1.0',
             'qb_port_sync_datagrams_dropped_total{reason="malformed"} 2.0',
             "qb_port_sync_apply_duration_seconds_count 2.0",
+            'qb_port_sync_listener_heals_total{method="address"} 1.0',
+            'qb_port_sync_listener_heals_total{method="port"} 0.0',
             'qb_port_sync_hook_runs_total{result="ok"} 1.0',
             'qb_port_sync_hook_runs_total{result="timeout"} 0.0',
             "qb_port_sync_hook_duration_seconds_count 1.0",

@@ -31,6 +31,7 @@ from qbportsync.config import ConfigError, QBittorrentConfig
 from qbportsync.interfaces import ApplyResult, IPortSink
 from qbportsync.qbittorrent import (
     MAX_REFUSED_LOGINS,
+    RELISTEN_PAUSE_SECS,
     LoginRefused,
     QBittorrentClient,
     QBittorrentError,
@@ -907,3 +908,51 @@ class TLSTests(TestCase):
         error = await self.assertFailure(client.version(), QBittorrentError)
         self.assertIn(f"http://127.0.0.1:{closed}/api/v2/auth/login", str(error))
         self.assertIn("connection refused", str(error))
+
+
+class RelistenTests(SynchronousTestCase):
+    """relisten changes one setting and puts it back, a pause apart."""
+
+    def relisten(
+        self, fake: FakeQBittorrent, port: int, how: str
+    ) -> list[dict[str, object]]:
+        """Run a relisten; the preferences after each of its two changes."""
+        client, clock = makeClient(fake)
+        d = client.relisten(port, "10.2.0.2", how)
+        seen = [dict(fake.preferences)]
+        self.assertNoResult(d)
+        clock.advance(RELISTEN_PAUSE_SECS)
+        self.successResultOf(d)
+        seen.append(dict(fake.preferences))
+        return seen
+
+    def test_address(self) -> None:
+        """By address: bound to the address, then back to all of them."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        seen = self.relisten(fake, 8999, "address")
+        self.assertEqual(
+            [s["current_interface_address"] for s in seen], ["10.2.0.2", ""]
+        )
+        self.assertEqual([s["listen_port"] for s in seen], [8999, 8999])
+
+    def test_addressAlreadySet(self) -> None:
+        """By address, when bound to that address already: all, then back."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.preferences["current_interface_address"] = "10.2.0.2"
+        seen = self.relisten(fake, 8999, "address")
+        self.assertEqual(
+            [s["current_interface_address"] for s in seen], ["", "10.2.0.2"]
+        )
+
+    def test_port(self) -> None:
+        """By port: a neighbouring port, then ours again."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        self.assertEqual(
+            [s["listen_port"] for s in self.relisten(fake, 8999, "port")],
+            [9000, 8999],
+        )
+        fake.preferences["listen_port"] = 65535
+        self.assertEqual(
+            [s["listen_port"] for s in self.relisten(fake, 65535, "port")],
+            [65534, 65535],
+        )

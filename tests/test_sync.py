@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock, LoopingCall
@@ -12,7 +13,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from qbportsync.interfaces import ApplyResult, IPortSink, IPortSource, SourceTrouble
+from qbportsync.interfaces import (
+    ApplyResult,
+    INetworkEvents,
+    IPortSink,
+    IPortSource,
+    NetworkChange,
+    SourceTrouble,
+)
+from qbportsync.listener import SETTLE_SECS, ListenerHealer
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import LoginRefused, QBittorrentError
 from qbportsync.status import SyncStatus, isHealthy, statusDocument, unhealthyReason
@@ -20,6 +29,7 @@ from qbportsync.sync import (
     CONTEST_CAP_SECS,
     CONTEST_FIRST_SECS,
     CONTEST_QUIET_SECS,
+    NETWORK_SETTLE_SECS,
     RESTORE_SPACING_SECS,
     PortSync,
 )
@@ -426,6 +436,9 @@ class ContestedSink:
         self.requests.append((self.clock.seconds(), 1))
         return succeed(self.port)
 
+    def relisten(self, port: int, address: str, how: str) -> Deferred[None]:
+        raise AssertionError("no listener check configured")
+
 
 class ContestTests(SynchronousTestCase):
     """A rival keeps changing qBittorrent's port: back off, say so once."""
@@ -563,3 +576,193 @@ class ContestTests(SynchronousTestCase):
         sink.succeed()
         self.assertFalse(sync.status.contested)
         self.assertEqual(sample(self.metrics, "qb_port_sync_conflicts_total"), 0)
+
+
+@implementer(INetworkEvents)
+class FakeNetworkEvents:
+    """Network changes the test tells with L{emit}."""
+
+    def __init__(self) -> None:
+        self.observers: list[Callable[[NetworkChange], object]] = []
+
+    def subscribe(
+        self, observer: Callable[[NetworkChange], object]
+    ) -> Callable[[], None]:
+        self.observers.append(observer)
+        return lambda: self.observers.remove(observer)
+
+    def emit(self, kind: str, interface: str, present: bool) -> None:
+        for observer in list(self.observers):
+            observer(NetworkChange(kind, interface, present))
+
+
+class ListenerTriggerTests(SynchronousTestCase):
+    """PortSync checks qBittorrent's listener when it may have died."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.source = FakeSource()
+        self.sink = FakeSink()
+        self.metrics = Metrics.create()
+        self.events = FakeNetworkEvents()
+        self.alive = True
+        self.probes: list[float] = []
+        healer = ListenerHealer(
+            self.clock,
+            self.sink,
+            self.metrics,
+            bindInterface="wg0",
+            probe=self.probe,
+            addressOf={"wg0": "10.2.0.2"}.get,
+        )
+        self.sync = PortSync(
+            self.clock,
+            self.source,
+            self.sink,
+            self.metrics,
+            bindInterface="wg0",
+            verifyInterval=30.0,
+            rnd=lambda: 0.5,
+            healer=healer,
+            networkEvents=self.events,
+        )
+        self.sync.startService()
+        self.source.emit(40000)
+        self.sink.succeed()
+
+    def probe(self, address: str, port: int) -> Deferred[bool]:
+        self.probes.append(self.clock.seconds())
+        return succeed(self.alive)
+
+    def bounce(self) -> None:
+        """wg-quick down/up: the link and address go, then come back."""
+        self.events.emit("link", "wg0", False)
+        self.events.emit("address", "wg0", False)
+        self.clock.advance(0.3)
+        self.events.emit("link", "wg0", True)
+        self.events.emit("address", "wg0", True)
+        self.events.emit("route", "wg0", True)
+
+    def healRelistens(self) -> None:
+        """qBittorrent takes the heal's first request; it listens again."""
+        self.alive = True
+        self.sink.relistens[-1][3].callback(None)
+
+    def test_subscribed(self) -> None:
+        """The service follows network changes while it runs, not after."""
+        self.assertTrue(verifyObject(INetworkEvents, self.events))
+        self.assertEqual(len(self.events.observers), 1)
+        self.successResultOf(self.sync.stopService())
+        self.assertEqual(self.events.observers, [])
+
+    def test_interfaceBounceChecksOnceAfterSettling(self) -> None:
+        """A burst of changes to the bound interface: one connect, 1 s after."""
+        self.bounce()
+        self.assertEqual(self.probes, [])
+        self.clock.advance(NETWORK_SETTLE_SECS)
+        self.assertEqual(self.probes, [0.3 + NETWORK_SETTLE_SECS])
+        self.clock.advance(10)
+        self.assertEqual(len(self.probes), 1)
+
+    def test_otherInterfaceIgnored(self) -> None:
+        """Changes to another interface do not matter."""
+        self.events.emit("link", "eth0", False)
+        self.events.emit("link", "eth0", True)
+        self.clock.advance(10)
+        self.assertEqual(self.probes, [])
+
+    def test_unknownInterfaceChecks(self) -> None:
+        """A change the kernel did not name (lost events) is checked too."""
+        self.events.emit("link", "", True)
+        self.clock.advance(NETWORK_SETTLE_SECS)
+        self.assertEqual(len(self.probes), 1)
+
+    def test_healedWithinTenSecondsOfReturn(self) -> None:
+        """
+        A listener dead after the bounce is healed, and judged healed by a
+        connect, well within 10 s of the interface's return.
+        """
+        self.alive = False
+        self.bounce()
+        back = self.clock.seconds()
+        self.clock.advance(NETWORK_SETTLE_SECS)
+        self.assertIs(self.sync.status.listening, None)
+        self.assertEqual(self.sink.relistens[-1][:3], (40000, "10.2.0.2", "address"))
+        self.healRelistens()
+        self.clock.advance(SETTLE_SECS)
+        self.assertIs(self.sync.status.listening, True)
+        self.assertLessEqual(self.probes[-1] - back, 10.0)
+        self.assertEqual(
+            sample(self.metrics, "qb_port_sync_listener_heals_total", method="address"),
+            1,
+        )
+
+    def test_eachVerifyChecks(self) -> None:
+        """Each verify that finds our port connects to it too."""
+        for _ in range(3):
+            self.clock.advance(30)
+            self.sink.checks[-1].callback(40000)
+        self.assertEqual(self.probes, [30.0, 60.0, 90.0])
+        self.assertIs(self.sync.status.listening, True)
+
+    def test_deadIsUnhealthyUntilHealed(self) -> None:
+        """A refusing listener makes the daemon unhealthy until it is healed."""
+        self.alive = False
+        self.clock.advance(30)
+        self.sink.checks[-1].callback(40000)
+        self.sink.relistens[-1][3].callback(None)
+        for _ in range(6):
+            self.clock.advance(SETTLE_SECS)
+        self.sink.relistens[-1][3].callback(None)
+        for _ in range(3):
+            self.clock.advance(SETTLE_SECS)
+        self.assertIs(self.sync.status.listening, False)
+        self.assertEqual(
+            unhealthyReason(self.sync.status, self.clock.seconds()),
+            "qBittorrent refuses connections on its port",
+        )
+        self.alive = True
+        self.clock.advance(30)
+        self.sink.checks[-1].callback(40000)
+        self.assertTrue(isHealthy(self.sync.status, self.clock.seconds()))
+
+    def test_sameEmptyThenSamePortChecks(self) -> None:
+        """The source's trouble, then the same port again: the VPN reconnected."""
+        assert self.source.deliver is not None
+        self.source.deliver(SourceTrouble("the port file is empty", "file"))
+        self.assertEqual(self.probes, [])
+        self.source.emit(40000)
+        self.assertEqual(self.probes, [0.0])
+        self.assertEqual(len(self.sink.applies), 1)
+
+    def test_healHoldsBackApplyAndVerify(self) -> None:
+        """
+        While a heal is under way nothing else touches qBittorrent's port:
+        a new port waits for the heal, and is applied right after it.
+        """
+        self.alive = False
+        self.clock.advance(30)
+        self.sink.checks[-1].callback(40000)
+        self.source.emit(40001)
+        self.clock.advance(30)
+        self.assertEqual((len(self.sink.applies), len(self.sink.checks)), (1, 1))
+        self.healRelistens()
+        self.clock.advance(SETTLE_SECS)
+        self.assertEqual(self.sink.applies[-1][0], 40001)
+
+    def test_eventDuringApplyChecksAfter(self) -> None:
+        """An interface change during an apply is checked once it ends."""
+        self.source.emit(40001)
+        self.events.emit("address", "wg0", True)
+        self.clock.advance(NETWORK_SETTLE_SECS)
+        self.assertEqual(self.probes, [])
+        self.sink.succeed()
+        self.assertEqual(self.probes, [NETWORK_SETTLE_SECS])
+
+    def test_stopCancelsHeal(self) -> None:
+        """Stopping during a heal cancels it quietly."""
+        self.alive = False
+        self.clock.advance(30)
+        self.sink.checks[-1].callback(40000)
+        self.successResultOf(self.sync.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -184,6 +184,7 @@ class StatusTests(SynchronousTestCase):
                 "source_trouble_since": None,
                 "contested": False,
                 "contested_since": None,
+                "listening": None,
                 "now": "2023-11-14T22:13:20+00:00",
             },
         )
