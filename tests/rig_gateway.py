@@ -3,11 +3,17 @@ A real NAT-PMP/PCP gateway for integration tests: miniupnpd in network
 namespaces, linked to nothing on the host.
 
     client (198.51.100.2) ── gw (198.51.100.1 | 203.0.113.5) ── wan (203.0.113.1, .2)
+           (192.0.2.2)   ── lan (192.0.2.1 | 203.0.113.7) ──┘     (a bridge)
 
 miniupnpd runs in I{gw}; it learns its "public" address from stund in I{wan}
 (it refuses documentation ranges as external addresses otherwise).  Code
-under test runs in I{client}, where a qbittorrent-nox can run too, on
-127.0.0.1.  Synchronous and standard library only, like L{tests.rig}.
+under test runs in I{client}, where a qbittorrent-nox can run too, Web UI on
+127.0.0.1, listening for peers on every address.  A peer in I{wan} reaches
+it only through a mapping: gw forwards nothing else.  The optional I{lan}
+namespace is a home router with a miniupnpd of its own, for the client's
+main routing table while the VPN path lives in a policy-routing table, as
+wg-quick sets it up.  Synchronous and standard library only, like
+L{tests.rig}.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -40,12 +48,25 @@ GATEWAY_ADDRESS = "198.51.100.1"
 GATEWAY_EXTERNAL = "203.0.113.5"
 STUN_PRIMARY = "203.0.113.1"
 STUN_SECONDARY = "203.0.113.2"
+LAN_CLIENT = "192.0.2.2"
+LAN_ROUTER = "192.0.2.1"
+LAN_EXTERNAL = "203.0.113.7"
+WIREGUARD_TABLE = "51820"
+ALLOW_ALL = "1024-65535 198.51.100.0/24 1-65535"
+"""miniupnpd's C{allow} rule: external ports, client addresses, internal ports."""
 _READY = "Port forwarding is now enabled"
 
+# Forwarding is dropped unless a mapping's rule in chain miniupnpd accepts it,
+# so a peer gets through only where a gateway really mapped; replies pass.
 _NFT_CHAINS = """\
 table inet filter {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        udp dport 5351 counter
+    }
     chain forward {
-        type filter hook forward priority 0; policy accept;
+        type filter hook forward priority 0; policy drop;
+        ct state established,related accept
         jump miniupnpd
     }
     chain miniupnpd {
@@ -64,6 +85,14 @@ table inet filter {
     }
 }
 """
+_OUTAGE = """\
+table inet outage {
+    chain input {
+        type filter hook input priority -10; policy accept;
+        udp dport 5351 drop
+    }
+}
+"""
 
 
 def requireGatewayTools() -> None:
@@ -79,10 +108,12 @@ def _run(argv: list[str], timeout: float = 10) -> subprocess.CompletedProcess[st
     )
 
 
-def _miniupnpdConf(minLifetime: int, maxLifetime: int) -> str:
+def _miniupnpdConf(
+    inside: str, outside: str, allow: str, minLifetime: int, maxLifetime: int
+) -> str:
     return f"""\
-ext_ifname=g1
-listening_ip=g0
+ext_ifname={outside}
+listening_ip={inside}
 ext_perform_stun=yes
 ext_stun_host={STUN_PRIMARY}
 ext_stun_port=3478
@@ -94,24 +125,127 @@ system_uptime=no
 min_lifetime={minLifetime}
 max_lifetime={maxLifetime}
 uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b
-allow 1024-65535 198.51.100.0/24 1-65535
+allow {allow}
 deny 0-65535 0.0.0.0/0 0-65535
 """
 
 
-class GatewayRig(Rig):
+class Miniupnpd:
     """
-    Three namespaces, stund and miniupnpd.  Use as a context manager or call
-    L{close}: every process is stopped by PID, namespaces deleted.
+    One miniupnpd in a namespace of a rig, its log a file of the rig's.  It
+    starts stopped: call L{start}.
     """
 
-    def __init__(self, *, minLifetime: int = 120, maxLifetime: int = 86400) -> None:
+    def __init__(self, rig: GatewayRig, namespace: str, name: str, conf: str) -> None:
+        self.rig = rig
+        self.namespace = namespace
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.conf = rig.directory / f"{name}.conf"
+        self.conf.write_text(conf)
+        self.logPath = rig.directory / f"{name}.log"
+        self.pidPath = rig.directory / f"{name}.pid"
+
+    def log(self) -> str:
+        """Everything it wrote, all runs."""
+        return self.logPath.read_text(errors="replace") if self.logPath.exists() else ""
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> float:
+        """Start it; seconds until it has its external address."""
+        assert not self.running
+        before = self.log().count(_READY)
+        # With no syslog, miniupnpd writes each line to /dev/console too, which
+        # is slow enough to cause retransmissions: silence that copy.
+        # A PID file of its own: the default one is shared by every miniupnpd
+        # on the host, and a second one refuses to start.
+        script = (
+            "mount --bind /dev/null /dev/console && "
+            f"exec miniupnpd -f {self.conf} -P {self.pidPath} -d"
+        )
+        with open(self.logPath, "ab") as out:
+            self.process = subprocess.Popen(
+                self.rig.command(self.namespace, ["unshare", "-m", "sh", "-c", script]),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        process = self.process
+        self.started = time.monotonic()
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"miniupnpd exited with {process.returncode}: {self.log()[-2000:]}"
+                )
+            return self.log().count(_READY) > before
+
+        return waitFor(ready, "miniupnpd to get its external address", 15, 0.01)
+
+    def stop(self) -> None:
+        """Stop it by PID and flush its rules, which it leaves behind."""
+        if self.process is not None:
+            stopProcess(self.process)
+        for chain in ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self.rig.run(
+                    self.namespace, ["nft", "flush", "chain", "inet", "filter", chain]
+                )
+
+    def waitEpoch(self, seconds: float) -> None:
+        """
+        Wait until its epoch (seconds since it started: C{system_uptime=no})
+        has reached C{seconds}.
+        """
+        waitFor(
+            lambda: time.monotonic() - self.started >= seconds,
+            f"miniupnpd's epoch to reach {seconds:g}",
+            seconds + 1,
+        )
+
+    def signal(self, number: int) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, number)
+
+
+class GatewayRig(Rig):
+    """
+    Three namespaces (four with C{lanRouter}), stund and miniupnpd.  Use as a
+    context manager or call L{close}: every process is stopped by PID,
+    namespaces deleted.
+
+    @param allow: miniupnpd's C{allow} rule (see L{ALLOW_ALL}).
+    @param gateway: start miniupnpd now.
+    @param vpnUp: give the client its address and route now; else its link
+        to gw is up but bare, as before a VPN connects.
+    @param lanRouter: add the I{lan} home router, with its own miniupnpd, on
+        the client's main table; the route to gw then lives in table 51820
+        (C{via} the gateway, or on-link without C{vpnVia}, as WireGuard).
+    """
+
+    def __init__(
+        self,
+        *,
+        minLifetime: int = 120,
+        maxLifetime: int = 86400,
+        allow: str = ALLOW_ALL,
+        gateway: bool = True,
+        vpnUp: bool = True,
+        lanRouter: bool = False,
+        vpnVia: bool = True,
+    ) -> None:
         requireGatewayTools()
         tag = f"{os.getpid()}-{secrets.token_hex(3)}"
         self.client = f"qbpsnat-{tag}-client"
         self.gw = f"qbpsnat-{tag}-gw"
         self.wan = f"qbpsnat-{tag}-wan"
-        self.miniupnpd: subprocess.Popen[bytes] | None = None
+        self.lan = f"qbpsnat-{tag}-lan" if lanRouter else ""
+        self.clientAddress = CLIENT_ADDRESS
+        self.gatewayAddress = GATEWAY_ADDRESS
+        self.vpnVia = vpnVia
         self.stund: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         super().__init__()
@@ -121,12 +255,31 @@ class GatewayRig(Rig):
                     tempfile.TemporaryDirectory(prefix="qbps-gw-")
                 )
             )
-            self.conf = self.directory / "miniupnpd.conf"
-            self.conf.write_text(_miniupnpdConf(minLifetime, maxLifetime))
+            self.gateway = Miniupnpd(
+                self,
+                self.gw,
+                "miniupnpd",
+                _miniupnpdConf("g0", "g1", allow, minLifetime, maxLifetime),
+            )
+            self.conf = self.gateway.conf
+            self.lanGateway: Miniupnpd | None = None
             self._network()
             self._cleanup.callback(self._stopAll)
+            if vpnUp:
+                self.vpnUp()
             self._startStund()
-            self.start()
+            if lanRouter:
+                self.lanGateway = Miniupnpd(
+                    self,
+                    self.lan,
+                    "lan-miniupnpd",
+                    _miniupnpdConf(
+                        "l0", "l1", "1024-65535 192.0.2.0/24 1-65535", 120, 86400
+                    ),
+                )
+                self.lanGateway.start()
+            if gateway:
+                self.start()
         except BaseException:
             self._cleanup.close()
             raise
@@ -139,8 +292,32 @@ class GatewayRig(Rig):
         """Run C{argv} in C{namespace}; its output."""
         return _run(self.command(namespace, argv))
 
+    def _link(self, namespace: str, near: str, far: str, farNamespace: str) -> None:
+        # Created inside the namespaces: these links never touch the host.
+        _run(
+            [
+                "ip",
+                "-n",
+                namespace,
+                "link",
+                "add",
+                near,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                far,
+                "netns",
+                farNamespace,
+            ]
+        )
+
+    def _address(self, namespace: str, address: str, interface: str) -> None:
+        self.run(namespace, ["ip", "addr", "add", address, "dev", interface])
+        self.run(namespace, ["ip", "link", "set", interface, "up"])
+
     def _network(self) -> None:
-        for name in (self.client, self.gw, self.wan):
+        for name in filter(None, (self.client, self.gw, self.wan, self.lan)):
             _run(["ip", "netns", "add", name])
             self._cleanup.callback(self._deleteNamespace, name)
             self.run(name, ["ip", "link", "set", "lo", "up"])
@@ -148,39 +325,98 @@ class GatewayRig(Rig):
                 name,
                 ["sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6"],
             )
-        # Created inside the namespaces: these links never touch the host.
-        for near, far, namespace in (("g0", "c0", self.client), ("g1", "w0", self.wan)):
-            _run(
-                [
-                    "ip",
-                    "-n",
-                    self.gw,
-                    "link",
-                    "add",
-                    near,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    far,
-                    "netns",
-                    namespace,
-                ]
-            )
-        for namespace, address, interface in (
-            (self.client, f"{CLIENT_ADDRESS}/24", "c0"),
-            (self.gw, f"{GATEWAY_ADDRESS}/24", "g0"),
-            (self.gw, f"{GATEWAY_EXTERNAL}/24", "g1"),
-            (self.wan, f"{STUN_PRIMARY}/24", "w0"),
-            (self.wan, f"{STUN_SECONDARY}/24", "w0"),
-        ):
-            self.run(namespace, ["ip", "addr", "add", address, "dev", interface])
-            self.run(namespace, ["ip", "link", "set", interface, "up"])
-        self.run(self.client, ["ip", "route", "add", "default", "via", GATEWAY_ADDRESS])
+        self._link(self.gw, "g0", "c0", self.client)
+        self._link(self.gw, "g1", "w0", self.wan)
+        # wan is one segment (a bridge) shared by gw and the home router.
+        self.run(self.wan, ["ip", "link", "add", "br0", "type", "bridge"])
+        self.run(self.wan, ["ip", "link", "set", "w0", "master", "br0"])
+        self.run(self.wan, ["ip", "link", "set", "w0", "up"])
+        self._address(self.gw, f"{GATEWAY_ADDRESS}/24", "g0")
+        self._address(self.gw, f"{GATEWAY_EXTERNAL}/24", "g1")
+        self._address(self.wan, f"{STUN_PRIMARY}/24", "br0")
+        self._address(self.wan, f"{STUN_SECONDARY}/24", "br0")
+        self.run(self.client, ["ip", "link", "set", "c0", "up"])
         self.run(self.gw, ["ip", "route", "add", "default", "via", STUN_PRIMARY])
+        # gw routes, and answers ARP for what it routes: an on-link default
+        # route (WireGuard's, without "via") then works as through a tunnel.
+        self.run(
+            self.gw,
+            [
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/ip_forward && "
+                "echo 1 > /proc/sys/net/ipv4/conf/g0/proxy_arp",
+            ],
+        )
         nft = self.directory / "chains.nft"
         nft.write_text(_NFT_CHAINS)
         self.run(self.gw, ["nft", "-f", str(nft)])
+        if self.lan:
+            self._link(self.lan, "l0", "c1", self.client)
+            self._link(self.lan, "l1", "w1", self.wan)
+            self.run(self.wan, ["ip", "link", "set", "w1", "master", "br0"])
+            self.run(self.wan, ["ip", "link", "set", "w1", "up"])
+            self._address(self.lan, f"{LAN_ROUTER}/24", "l0")
+            self._address(self.lan, f"{LAN_EXTERNAL}/24", "l1")
+            self._address(self.client, f"{LAN_CLIENT}/24", "c1")
+            self.run(self.lan, ["ip", "route", "add", "default", "via", STUN_PRIMARY])
+            self.run(self.lan, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+            self.run(self.lan, ["nft", "-f", str(nft)])
+            # wg-quick's rules: everything not marked goes by table 51820,
+            # except what the main table knows more specifically than 0/0.
+            self.run(self.client, ["ip", "route", "add", "default", "via", LAN_ROUTER])
+            self.run(
+                self.client,
+                [
+                    "ip",
+                    "rule",
+                    "add",
+                    "not",
+                    "fwmark",
+                    WIREGUARD_TABLE,
+                    "table",
+                    WIREGUARD_TABLE,
+                ],
+            )
+            self.run(
+                self.client,
+                ["ip", "rule", "add", "table", "main", "suppress_prefixlength", "0"],
+            )
+
+    def _defaultRoute(self) -> list[str]:
+        route = ["default", "via", self.gatewayAddress, "dev", "c0"]
+        if self.lan:
+            if not self.vpnVia:
+                route = ["default", "dev", "c0"]
+            route += ["table", WIREGUARD_TABLE]
+        return route
+
+    def vpnUp(self, address: str | None = None) -> None:
+        """The tunnel comes up: the client gets C{address} and a default route."""
+        self.clientAddress = address or self.clientAddress
+        self.run(
+            self.client, ["ip", "addr", "add", f"{self.clientAddress}/24", "dev", "c0"]
+        )
+        self.run(self.client, ["ip", "route", "replace", *self._defaultRoute()])
+
+    def vpnDown(self) -> None:
+        """The tunnel goes: the client's address, and so its route, are gone."""
+        self.run(self.client, ["ip", "addr", "flush", "dev", "c0"])
+
+    def moveGateway(self, address: str) -> float:
+        """
+        The gateway moves to C{address}: miniupnpd stopped (its mappings
+        gone), gw's address and the client's route changed, miniupnpd started
+        there; seconds until it is ready.
+        """
+        self.gateway.stop()
+        self.run(
+            self.gw, ["ip", "addr", "del", f"{self.gatewayAddress}/24", "dev", "g0"]
+        )
+        self.gatewayAddress = address
+        self.run(self.gw, ["ip", "addr", "add", f"{address}/24", "dev", "g0"])
+        self.run(self.client, ["ip", "route", "replace", *self._defaultRoute()])
+        return self.gateway.start()
 
     def _deleteNamespace(self, name: str) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
@@ -199,46 +435,19 @@ class GatewayRig(Rig):
 
     @property
     def logPath(self) -> Path:
-        return self.directory / "miniupnpd.log"
+        return self.gateway.logPath
 
     def log(self) -> str:
-        """Everything miniupnpd wrote, all runs."""
-        return self.logPath.read_text(errors="replace") if self.logPath.exists() else ""
+        """Everything the gateway's miniupnpd wrote, all runs."""
+        return self.gateway.log()
 
     def start(self) -> float:
         """Start miniupnpd; seconds until it has its external address."""
-        assert self.miniupnpd is None or self.miniupnpd.poll() is not None
-        before = self.log().count(_READY)
-        # With no syslog, miniupnpd writes each line to /dev/console too, which
-        # is slow enough to cause retransmissions: silence that copy.
-        script = (
-            f"mount --bind /dev/null /dev/console && exec miniupnpd -f {self.conf} -d"
-        )
-        with open(self.logPath, "ab") as out:
-            self.miniupnpd = subprocess.Popen(
-                self.command(self.gw, ["unshare", "-m", "sh", "-c", script]),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        process = self.miniupnpd
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"miniupnpd exited with {process.returncode}: {self.log()[-2000:]}"
-                )
-            return self.log().count(_READY) > before
-
-        return waitFor(ready, "miniupnpd to get its external address", 15, 0.01)
+        return self.gateway.start()
 
     def stop(self) -> None:
         """Stop miniupnpd by PID and flush its rules, which it leaves behind."""
-        if self.miniupnpd is not None:
-            stopProcess(self.miniupnpd)
-        for chain in ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"):
-            with contextlib.suppress(subprocess.CalledProcessError):
-                self.run(self.gw, ["nft", "flush", "chain", "inet", "filter", chain])
+        self.gateway.stop()
 
     def restart(self) -> float:
         """A gateway reboot: epoch back to 0, every mapping gone."""
@@ -246,16 +455,51 @@ class GatewayRig(Rig):
         self.restarts += 1
         return self.start()
 
+    def waitEpoch(self, seconds: float) -> None:
+        """Wait until the gateway's epoch has reached C{seconds}."""
+        self.gateway.waitEpoch(seconds)
+
     def announce(self) -> None:
         """SIGUSR1: miniupnpd resets its epoch and announces, keeping mappings."""
-        assert self.miniupnpd is not None
-        os.kill(self.miniupnpd.pid, signal.SIGUSR1)
+        self.gateway.signal(signal.SIGUSR1)
 
-    def rules(self) -> str:
+    def silence(self) -> None:
+        """The gateway drops every NAT-PMP and PCP datagram, silently."""
+        nft = self.directory / "outage.nft"
+        nft.write_text(_OUTAGE)
+        self.run(self.gw, ["nft", "-f", str(nft)])
+
+    def unsilence(self) -> None:
+        """The gateway answers again."""
+        self.run(self.gw, ["nft", "delete", "table", "inet", "outage"])
+
+    def rules(self, namespace: str = "") -> str:
         """miniupnpd's DNAT rules, one per mapping."""
         return self.run(
-            self.gw, ["nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd"]
+            namespace or self.gw,
+            ["nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd"],
         ).stdout
+
+    def mappings(self, namespace: str = "") -> set[tuple[str, int, str, int]]:
+        """(protocol, external port, client address, internal port) of each."""
+        found = re.findall(
+            r"(0x6|0x11|tcp|udp) (?:th )?dport (\d+) dnat ip to ([\d.]+):(\d+)",
+            self.rules(namespace),
+        )
+        names = {"0x6": "tcp", "0x11": "udp"}
+        return {
+            (names.get(proto, proto), int(external), client, int(internal))
+            for proto, external, client, internal in found
+        }
+
+    def requestsHeard(self, namespace: str = "") -> int:
+        """Datagrams that reached udp/5351 in C{namespace} (gw by default)."""
+        out = self.run(
+            namespace or self.gw, ["nft", "list", "chain", "inet", "filter", "input"]
+        ).stdout
+        match = re.search(r"udp dport 5351 counter packets (\d+)", out)
+        assert match is not None, out
+        return int(match.group(1))
 
     def oneShot(
         self, config: Path, strategy: str, timeout: float = 200
@@ -263,6 +507,17 @@ class GatewayRig(Rig):
         """
         C{qb-port-sync --once --json} in the client namespace: its exit
         code, its JSON line, and the seconds it took.
+        """
+        code, lines, elapsed, _ = self.oneShotRaw(config, strategy, timeout)
+        outcome: dict[str, Any] = json.loads(lines[-1])
+        return code, outcome, elapsed
+
+    def oneShotRaw(
+        self, config: Path, strategy: str, timeout: float = 200
+    ) -> tuple[int, list[str], float, str]:
+        """
+        C{qb-port-sync --once --json} in the client namespace: its exit
+        code, its stdout lines, the seconds it took and its stderr.
         """
         argv = [sys.executable, "-m", "qbportsync", "--once", "--json"]
         argv += ["--strategy", strategy, "--config", str(config)]
@@ -276,15 +531,16 @@ class GatewayRig(Rig):
             timeout=timeout,
         )
         elapsed = time.monotonic() - started
-        outcome: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-        return done.returncode, outcome, elapsed
+        return done.returncode, done.stdout.splitlines(), elapsed, done.stderr
 
-    def adopt(self, process: subprocess.Popen[bytes]) -> None:
+    def adopt(self, process: subprocess.Popen[Any]) -> None:
         """Stop C{process} by its PID when the rig closes."""
         self._cleanup.callback(stopProcess, process)
 
     def _stopAll(self) -> None:
-        self.stop()
+        self.gateway.stop()
+        if self.lanGateway is not None:
+            self.lanGateway.stop()
         if self.stund is not None:
             stopProcess(self.stund)
 
@@ -357,6 +613,22 @@ class ClientQBittorrent:
             )
         ).stdout
         return int(out)
+
+    def listenPortVia(self, agent: Agent) -> int | None:
+        """
+        qBittorrent's listening port read through C{agent} (in the client
+        namespace), logging in when needed; None if it does not answer.
+        """
+        url = f"{self.baseURL}/api/v2/app/preferences"
+        code, body = agent.http(url)
+        if code == 403:
+            form = {"username": self.username, "password": self.password}
+            agent.http(f"{self.baseURL}/api/v2/auth/login", form)
+            code, body = agent.http(url)
+        if code != 200:
+            return None
+        port: int = json.loads(body)["listen_port"]
+        return port
 
 
 _FETCH = """\
@@ -451,3 +723,141 @@ class Capture:
             argv, check=True, capture_output=True, text=True, timeout=30
         ).stdout
         return [line.split("\t") for line in out.splitlines() if line]
+
+
+class Agent:
+    """
+    L{tests.nsagent} in one namespace of a rig: TCP connects and HTTP
+    requests from inside it, a millisecond each.
+    """
+
+    def __init__(self, rig: GatewayRig, namespace: str) -> None:
+        self.process = subprocess.Popen(
+            rig.command(namespace, [sys.executable, "-m", "tests.nsagent"]),
+            cwd=PROJECT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+        )
+        rig.adopt(self.process)
+        self._answer(15)
+
+    def _answer(self, timeout: float) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        line = self.process.stdout.readline() if ready else b""
+        if not line:
+            raise AssertionError(f"the namespace agent gave no answer in {timeout} s")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def _ask(self, wait: float, **request: object) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        return self._answer(wait + 5)
+
+    def connect(self, host: str, port: int, timeout: float = 0.5) -> tuple[bool, str]:
+        """Whether a TCP handshake with C{host:port} completes; else why not."""
+        answer = self._ask(timeout, op="connect", host=host, port=port, timeout=timeout)
+        return answer["ok"], answer["error"]
+
+    def http(
+        self, url: str, form: dict[str, str] | None = None, timeout: float = 5
+    ) -> tuple[int, str]:
+        """GET C{url}, or POST C{form}; status (0: no answer) and body."""
+        answer = self._ask(timeout, op="http", url=url, form=form, timeout=timeout)
+        return answer["status"], answer["body"]
+
+
+STATUS_PORT = 9100
+
+
+def writeDaemonConfig(
+    rig: GatewayRig,
+    qbittorrent: ClientQBittorrent,
+    *,
+    gateway: bool = True,
+    verifyInterval: float = 2.0,
+    **portmap: object,
+) -> Path:
+    """
+    A configuration for the daemon: C{[portmap]} from C{portmap}, the
+    gateway's address only with C{gateway} (else it is discovered), metrics
+    and /status on 127.0.0.1:L{STATUS_PORT}.
+    """
+    lines = [
+        "[qbittorrent]",
+        f'base_url = "{qbittorrent.baseURL}"',
+        f'username = "{qbittorrent.username}"',
+        f'password = "{qbittorrent.password}"',
+        f"verify_interval_secs = {verifyInterval}",
+        "[portmap]",
+    ]
+    if gateway:
+        lines.append(f'gateway = "{rig.gatewayAddress}"')
+    lines += [f"{key} = {json.dumps(value)}" for key, value in portmap.items()]
+    lines += [
+        "[metrics]",
+        "enabled = true",
+        f"port = {STATUS_PORT}",
+        "[health]",
+        "enabled = true",
+    ]
+    path = rig.directory / f"daemon-{len(list(rig.directory.glob('daemon-*')))}.toml"
+    path.touch(0o600)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Daemon:
+    """
+    The real daemon, C{python -m qbportsync}, in the client namespace; its
+    /status and /metrics read through the client's L{Agent}.
+    """
+
+    def __init__(
+        self, rig: GatewayRig, config: Path, strategy: str, agent: Agent
+    ) -> None:
+        self.agent = agent
+        self.path = rig.directory / f"daemon-{strategy}-{time.monotonic_ns()}.log"
+        argv = [sys.executable, "-m", "qbportsync", "--config", str(config)]
+        argv += ["--strategy", strategy, "--log-level", "debug"]
+        with open(self.path, "wb") as out:
+            self.process = subprocess.Popen(
+                rig.command(rig.client, argv),
+                cwd=PROJECT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        rig.adopt(self.process)
+
+    def output(self) -> str:
+        """Everything the daemon wrote."""
+        return self.path.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any] | None:
+        """Its /status document, or None while it does not answer."""
+        code, body = self.agent.http(f"http://127.0.0.1:{STATUS_PORT}/status")
+        if code != 200:
+            return None
+        document: dict[str, Any] = json.loads(body)
+        return document
+
+    def metrics(self) -> str:
+        """Its /metrics text ("" while it does not answer)."""
+        code, body = self.agent.http(f"http://127.0.0.1:{STATUS_PORT}/metrics")
+        return body if code == 200 else ""
+
+    def metric(self, sample: str) -> float:
+        """One sample's value, e.g. of C{qb_port_sync_errors_total{kind="gateway"}}."""
+        for line in self.metrics().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == sample:
+                return float(value)
+        return 0.0
+
+    def stop(self) -> int:
+        """SIGTERM by PID; its exit code."""
+        return stopProcess(self.process)

@@ -95,8 +95,9 @@ class NATPMPIntegrationTests(TestCase):
 
     def test_renewals(self) -> None:
         """
-        With 4 s leases the daemon renews every 2 s: two requests per round,
-        no retransmission, one answer each, and the capture decodes cleanly.
+        With 4 s leases the daemon renews at half the lease, well before it
+        ends: two requests per round, no retransmission, one answer each, and
+        the capture decodes cleanly.
         """
         capture = Capture(self.rig)
         driver = Driver(
@@ -109,8 +110,9 @@ class NATPMPIntegrationTests(TestCase):
         forwarded = driver.events("forwarded")
         times = [e["mono"] for e in forwarded]
         gaps = [b - a for a, b in itertools.pairwise(times)]
+        # Never early; late only by what a loaded machine adds.
         for gap in gaps:
-            self.assertLess(abs(gap - 2.0), 0.1, gaps)
+            self.assertTrue(1.95 <= gap <= 3.0, gaps)
         self.assertEqual({e["port"] for e in forwarded}, {6881})
         requests = capture.fields(
             "frame.time_relative",
@@ -147,7 +149,7 @@ class NATPMPIntegrationTests(TestCase):
             self.rig, "natpmp", writeConfig(self.rig, self.qbittorrent), randomValue
         )
         driver.waitFor("applied")
-        time.sleep(3)  # an epoch old enough for a restart to show
+        self.rig.waitEpoch(3)  # old enough for a restart to show
         self.assertIn("6881 dnat", self.rig.rules())
         restarted = time.monotonic()
         self.rig.restart()  # flushes the rules: every mapping is gone
@@ -170,7 +172,7 @@ class NATPMPIntegrationTests(TestCase):
         before the 30 s renewal.
         """
         remapped, applied, wait = self.restartGateway()
-        self.assertLess(remapped, wait + 0.5)
+        self.assertTrue(wait <= remapped < wait + 2, (remapped, wait))
         print(
             f"\nrestart: remapped after {remapped:.3f}s, re-applied after "
             f"{applied:.3f}s (random wait {wait:.3f}s)",
@@ -178,10 +180,10 @@ class NATPMPIntegrationTests(TestCase):
         )
 
     def test_gatewayRestartReaction(self) -> None:
-        """With no random wait, the remap follows the restart within 0.5 s."""
+        """With no random wait, the remap follows the restart within 2 s."""
         remapped, applied, wait = self.restartGateway("0")
         self.assertEqual(wait, 0)
-        self.assertLess(remapped, 0.5)
+        self.assertLess(remapped, 2)
         print(
             f"\nrestart, no wait: remapped after {remapped * 1000:.1f}ms, "
             f"re-applied after {applied * 1000:.1f}ms",
@@ -197,7 +199,7 @@ class NATPMPIntegrationTests(TestCase):
             randomValue="0.1",
         )
         driver.waitFor("applied")
-        time.sleep(3)
+        self.rig.waitEpoch(3)
         capture = Capture(self.rig)
         self.rig.announce()
         driver.waitFor("forwarded", 2, timeout=10)
