@@ -38,6 +38,8 @@ from tests.rig_gateway import (
 
 LIMIT = 10.0
 """Seconds from a change to a peer's completed handshake."""
+START_LIMIT = 20.0
+"""The same from the daemon's launch, Python's start-up included."""
 LIFETIME = 8
 """The lease the daemon asks for: short, so renewals and expiries happen."""
 SLOW = os.environ.get("QBPORTSYNC_SLOW") == "1"
@@ -214,7 +216,7 @@ class _Lifecycle:
         self.build()
         started = time.monotonic()
         self.startDaemon()
-        self.reachable("start", started, record=False)
+        self.reachable("start", started, START_LIMIT, record=False)
         wentDown = time.monotonic()
         getattr(self.rig, down)()
         waitFor(
@@ -263,7 +265,7 @@ class _Scenarios(_Lifecycle):
         waitFor(lambda: heard.read_text().startswith("{"), "the gateway to listen", 10)
         started = time.monotonic()
         self.startDaemon()
-        port = self.reachable("proton-style gateway", started)
+        port = self.reachable("proton-style gateway", started, START_LIMIT)
         self.assertEqual(port, PROTON_PORT)
         stopProcess(proton)
 
@@ -291,7 +293,7 @@ class _Scenarios(_Lifecycle):
         self.build(lanRouter=True, vpnVia=False)
         started = time.monotonic()
         self.startDaemon(gateway=True)
-        self.reachable("policy routing, on-link", started)
+        self.reachable("policy routing, on-link", started, START_LIMIT)
         self.assertLANRouterUntouched()
 
     # 8. Gateway outages.
