@@ -25,6 +25,7 @@ from qbportsync.interfaces import (
 )
 from qbportsync.sources.auto import (
     FILE_CHECK_SECS,
+    SILENCE_SECS,
     AutoSource,
     Choice,
     autoSource,
@@ -402,37 +403,52 @@ class KeepsDecidingTests(SynchronousTestCase):
         self.assertEqual([s.name for s in self.built], ["pcp", "pcp"])
         self.assertTrue(self.built[0].stopped)
 
+    def waitForNewSource(self, limit: int = 1000) -> float:
+        """Seconds, in steps of one, until auto builds another source."""
+        built, start = len(self.built), self.clock.seconds()
+        for _ in range(limit):
+            self.clock.advance(1)
+            if len(self.built) > built:
+                return self.clock.seconds() - start
+        raise AssertionError(f"no new source within {limit} s")
+
     def test_reprobeBacksOff(self) -> None:
         """Each re-probe that fails again waits twice as long, up to ten minutes."""
-        waits = []
-        for _ in range(7):
+        for base in [30, 60, 120, 240, 480, 600, 600]:
             for _ in range(3):
                 self.report(TROUBLE)
-            later = self.clock.seconds() + FILE_CHECK_SECS
-            [call] = [c for c in self.clock.getDelayedCalls() if c.getTime() > later]
-            waits.append(call.getTime() - self.clock.seconds())
-            self.clock.advance(waits[-1])
-        self.assertEqual(len(self.built), 8)
-        bases = [30, 60, 120, 240, 480, 600, 600]
-        for wait, base in zip(waits, bases, strict=True):
-            self.assertTrue(0.8 * base <= wait <= 1.2 * base, (wait, base))
+            wait = self.waitForNewSource()
+            self.assertTrue(0.8 * base <= wait <= 1.2 * base + 1, (wait, base))
 
     def test_portResets(self) -> None:
         """A port between troubles resets the count: scattered ones never re-probe."""
-        for _ in range(5):
+        for _ in range(120):
             self.report(TROUBLE)
             self.report(TROUBLE)
-            self.report(Forwarded(1024, "pcp"))
-        self.clock.advance(3600)
+            self.report(Forwarded(1024, "pcp", expires=self.clock.seconds() + 60))
+            self.clock.pump([1] * 30)
         self.assertEqual(len(self.built), 1)
 
+    def test_silentSourceReprobed(self) -> None:
+        """A gateway source that says nothing at all is probed anew."""
+        wait = self.waitForNewSource()
+        self.assertTrue(SILENCE_SECS + 24 <= wait <= SILENCE_SECS + 37, wait)
+
+    def test_leaseDefersSilence(self) -> None:
+        """Silence counts from the end of the last lease."""
+        self.report(Forwarded(1024, "pcp", expires=self.clock.seconds() + 600))
+        wait = self.waitForNewSource()
+        self.assertTrue(
+            600 + SILENCE_SECS + 24 <= wait <= 600 + SILENCE_SECS + 37, wait
+        )
+
     def test_fileTroublesNoReprobe(self) -> None:
-        """Troubles from the port file are its own to report: no re-probe."""
+        """Troubles from (or silence of) the port file are its own: no re-probe."""
         self.paths.add(PATH)
         self.clock.advance(FILE_CHECK_SECS)
         for _ in range(5):
             self.report(SourceTrouble("unreadable", kind="file"))
-        self.clock.advance(3600)
+        self.clock.pump([10] * 360)
         self.assertEqual([s.name for s in self.built], ["pcp", "file"])
 
     def test_macOSStays(self) -> None:

@@ -45,6 +45,12 @@ FILE_CHECK_SECS = 5.0
 REPROBE_AFTER = 3
 """Troubles in a row from the gateway before its protocols are probed anew."""
 
+SILENCE_SECS = 120.0
+"""
+A gateway source that says nothing (no port, no trouble) for this long,
+counted from the end of its last lease, is probed anew.
+"""
+
 
 @frozen
 class Choice:
@@ -149,6 +155,7 @@ class AutoSource:
         self._deliver: Report = lambda seen: None
         self._troubles = 0
         self._reprobe: IDelayedCall | None = None
+        self._silence: IDelayedCall | None = None
         self._watch: LoopingCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._swap: Deferred[None] | None = None
@@ -189,12 +196,38 @@ class AutoSource:
             if isinstance(seen, Forwarded):
                 self._troubles = 0
                 self._backoff.reset()
+                self._expectWord(seen.expires)
                 seen = self._explain(seen)
             elif self._choice.kind == "gateway":
+                self._expectWord(None)
                 self._troubled()
             return self._deliver(seen)
 
+        self._expectWord(None)
         source.start(heard)
+
+    def _expectWord(self, expires: float | None) -> None:
+        """Wait for the gateway source to speak again before its lease ends."""
+        self._cancelSilence()
+        if self._choice.kind != "gateway" or self._stopped:
+            return
+        now = self._clock.seconds()
+        wait = max(expires - now, 0.0) if expires is not None else 0.0
+        self._silence = self._clock.callLater(wait + SILENCE_SECS, self._silent)
+
+    def _cancelSilence(self) -> None:
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
+        self._silence = None
+
+    def _silent(self) -> None:
+        self._silence = None
+        _log.info(
+            "the gateway source has said nothing for {seconds:.0f} s",
+            seconds=SILENCE_SECS,
+        )
+        self._troubles = REPROBE_AFTER - 1
+        self._troubled()
 
     def _troubled(self) -> None:
         self._troubles += 1
@@ -239,10 +272,12 @@ class AutoSource:
         if self._reprobe is not None and self._reprobe.active():
             self._reprobe.cancel()
         self._reprobe = None
+        self._cancelSilence()
 
     def _replace(self, choice: Choice) -> None:
         """Stop the source serving now, then start a new one of C{choice}."""
         old, self._listening = self._current, None
+        self._cancelSilence()
         swap = Deferred.fromCoroutine(self._swapTo(old, choice))
         if not swap.called:
             self._swap = swap
