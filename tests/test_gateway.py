@@ -6,14 +6,11 @@ addresses.
 
 from __future__ import annotations
 
-import json
 import struct
 import subprocess
 import sys
-from typing import Any
 
-from attrs import asdict
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from qbportsync.config import Config, ConfigError, NetConfig, PortmapConfig
@@ -31,7 +28,7 @@ from qbportsync.sources.gateway import (
     resolvePath,
 )
 from tests.rig import requireTool
-from tests.test_netlink import ROOT, Namespace
+from tests.test_netlink import Namespace
 
 DARWIN_LAN = """\
    route to: default
@@ -239,44 +236,6 @@ class ResolveTests(SynchronousTestCase):
         self.assertIn("nosuchif0", str(error))
 
 
-def resolveInNamespace(
-    namespace: Namespace, gateway: str = "", bindInterface: str = ""
-) -> dict[str, Any]:
-    """resolvePath's result, or its error's type and text, inside C{namespace}."""
-    out = subprocess.run(
-        namespace.command(
-            [sys.executable, "-m", "tests.test_gateway", gateway, bindInterface]
-        ),
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    ).stdout
-    result: dict[str, Any] = json.loads(out)
-    return result
-
-
-def resolveHere(gateway: str, bindInterface: str) -> None:
-    """Print resolvePath's result as one JSON line (run inside a namespace)."""
-    config = Config(
-        portmap=PortmapConfig(gateway=gateway),
-        net=NetConfig(bind_interface=bindInterface),
-    )
-    results: list[GatewayPath | Failure] = []
-    resolvePath(None, config).addBoth(results.append)
-    [result] = results
-    if isinstance(result, Failure):
-        print(
-            json.dumps(
-                {"error": type(result.value).__name__, "message": str(result.value)}
-            )
-        )
-    else:
-        print(json.dumps(asdict(result)))
-
-
 class PolicyRoutingTests(SynchronousTestCase):
     """
     The real kernel in a namespace of our own: a LAN router in the main
@@ -296,8 +255,15 @@ class PolicyRoutingTests(SynchronousTestCase):
         ip("address", "add", "198.51.100.2/24", "dev", "qblan0")
         ip("address", "add", "203.0.113.2/32", "dev", "qbwg0")
 
-    def resolve(self, gateway: str = "", bindInterface: str = "") -> dict[str, Any]:
-        return resolveInNamespace(self.namespace, gateway, bindInterface)
+    def resolve(
+        self, gateway: str = "", bindInterface: str = ""
+    ) -> Deferred[GatewayPath]:
+        """resolvePath, asked from inside the namespace."""
+        config = Config(
+            portmap=PortmapConfig(gateway=gateway),
+            net=NetConfig(bind_interface=bindInterface),
+        )
+        return self.namespace.call(lambda: resolvePath(None, config))
 
     def wgQuick(self) -> None:
         ip = self.namespace.ip
@@ -307,49 +273,43 @@ class PolicyRoutingTests(SynchronousTestCase):
 
     def test_noRoute(self) -> None:
         """No default route at all: SourceUnavailable, saying the VPN may be down."""
-        result = self.resolve()
-        self.assertEqual(result["error"], "SourceUnavailable")
-        self.assertIn("is the VPN up?", result["message"])
+        failure = self.failureResultOf(self.resolve(), SourceUnavailable)
+        self.assertIn("is the VPN up?", str(failure.value))
 
     def test_mainTable(self) -> None:
         """Without policy rules the main table's default route gives the LAN router."""
         self.namespace.ip("route", "add", "default", "via", "198.51.100.1")
         self.assertEqual(
-            self.resolve(),
-            {
-                "gateway": "198.51.100.1",
-                "source": "198.51.100.2",
-                "interface": "qblan0",
-                "route": (
-                    "1.1.1.1 via 198.51.100.1 dev qblan0 table main src 198.51.100.2"
-                ),
-            },
+            self.successResultOf(self.resolve()),
+            GatewayPath(
+                "198.51.100.1",
+                "198.51.100.2",
+                "qblan0",
+                "1.1.1.1 via 198.51.100.1 dev qblan0 table main src 198.51.100.2",
+            ),
         )
 
     def test_wireguardPolicy(self) -> None:
         """wg-quick's rules: the tunnel's route is found, the LAN router never asked."""
         self.namespace.ip("route", "add", "default", "via", "198.51.100.1")
         self.wgQuick()
-        result = self.resolve()
-        self.assertEqual(result["error"], "ConfigError")
-        self.assertIn(
-            "1.1.1.1 dev qbwg0 table 51820 src 203.0.113.2", result["message"]
-        )
-        self.assertIn('gateway = "10.2.0.1"', result["message"])
-        self.assertNotIn("198.51.100.1", result["message"])
+        message = str(self.failureResultOf(self.resolve(), ConfigError).value)
+        self.assertIn("1.1.1.1 dev qbwg0 table 51820 src 203.0.113.2", message)
+        self.assertIn('gateway = "10.2.0.1"', message)
+        self.assertNotIn("198.51.100.1", message)
 
     def test_wireguardPolicyConfigured(self) -> None:
         """A configured tunnel gateway is asked from the tunnel's address."""
         self.namespace.ip("route", "add", "default", "via", "198.51.100.1")
         self.wgQuick()
         self.assertEqual(
-            self.resolve("203.0.113.1"),
-            {
-                "gateway": "203.0.113.1",
-                "source": "203.0.113.2",
-                "interface": "qbwg0",
-                "route": "203.0.113.1 dev qbwg0 table 51820 src 203.0.113.2",
-            },
+            self.successResultOf(self.resolve("203.0.113.1")),
+            GatewayPath(
+                "203.0.113.1",
+                "203.0.113.2",
+                "qbwg0",
+                "203.0.113.1 dev qbwg0 table 51820 src 203.0.113.2",
+            ),
         )
 
     def test_policyTableWithNextHop(self) -> None:
@@ -368,9 +328,9 @@ class PolicyRoutingTests(SynchronousTestCase):
             "table",
             "51820",
         )
-        result = self.resolve()
+        path = self.successResultOf(self.resolve())
         self.assertEqual(
-            (result["gateway"], result["source"], result["interface"]),
+            (path.gateway, path.source, path.interface),
             ("203.0.113.1", "203.0.113.2", "qbwg0"),
         )
 
@@ -378,11 +338,5 @@ class PolicyRoutingTests(SynchronousTestCase):
         """With bind_interface, the path of traffic through that interface counts."""
         self.namespace.ip("route", "add", "default", "via", "198.51.100.1")
         self.wgQuick()
-        result = self.resolve(bindInterface="qblan0")
-        self.assertEqual(
-            (result["gateway"], result["interface"]), ("198.51.100.1", "qblan0")
-        )
-
-
-if __name__ == "__main__":
-    resolveHere(*sys.argv[1:3])
+        path = self.successResultOf(self.resolve(bindInterface="qblan0"))
+        self.assertEqual((path.gateway, path.interface), ("198.51.100.1", "qblan0"))

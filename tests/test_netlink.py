@@ -6,6 +6,7 @@ reactor, the route lookup, and the real kernel in a namespace of our own.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -15,10 +16,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -82,6 +84,9 @@ from tests.fakes import FakeNetworkEvents
 from tests.rig import requireRoot, requireTool, stopProcess
 
 OUR_PID = 4242
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -775,6 +780,31 @@ class Namespace:
 
     def command(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
+
+    def call(self, function: Callable[[], T]) -> T:
+        """
+        C{function()}, run in a thread that entered the namespace (a thread
+        has its own network namespace): no process to start.
+        """
+        results: list[T | BaseException] = []
+
+        def inside() -> None:
+            try:
+                with open(f"/run/netns/{self.name}") as handle:
+                    if _libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
+                        code = ctypes.get_errno()
+                        raise OSError(code, os.strerror(code))
+                results.append(function())
+            except BaseException as e:
+                results.append(e)
+
+        thread = threading.Thread(target=inside)
+        thread.start()
+        thread.join(30)
+        [result] = results
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def close(self) -> None:
         subprocess.run(
