@@ -24,6 +24,7 @@ from qbportsync.sources.gateway import (
     interfaceAddress,
     parseIfreqAddress,
     parseRouteGet,
+    pathFromDarwinRoute,
     pathFromRoute,
     resolvePath,
 )
@@ -130,6 +131,35 @@ class DarwinTests(SynchronousTestCase):
         """The default route through another interface than bind_interface fails."""
         self.assertRaises(
             ConfigError, gatewayFromDarwinRoute, parseRouteGet(DARWIN_LAN), "utun4"
+        )
+
+    def test_path(self) -> None:
+        """The default route's gateway, asked from the interface's address."""
+        addresses = {"en0": "192.168.1.20"}
+        self.assertEqual(
+            pathFromDarwinRoute(
+                parseRouteGet(DARWIN_LAN), "default", Config(), addresses.__getitem__
+            ),
+            GatewayPath(
+                "192.168.1.1", "192.168.1.20", "en0", "default via 192.168.1.1 dev en0"
+            ),
+        )
+
+    def test_pathConfigured(self) -> None:
+        """A configured gateway behind a utun is asked from the tunnel's address."""
+        config = Config(portmap=PortmapConfig(gateway="10.2.0.1"))
+        route = parseRouteGet(DARWIN_UTUN)
+        self.assertEqual(
+            pathFromDarwinRoute(route, "10.2.0.1", config, lambda name: "10.2.0.2"),
+            GatewayPath("10.2.0.1", "10.2.0.2", "utun4", "10.2.0.1 dev utun4"),
+        )
+        self.assertRaises(
+            ConfigError,
+            pathFromDarwinRoute,
+            route,
+            "default",
+            Config(),
+            lambda name: "10.2.0.2",
         )
 
     def test_noRoute(self) -> None:

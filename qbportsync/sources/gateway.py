@@ -15,6 +15,7 @@ import fcntl
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from ipaddress import IPv4Address
 
 from attrs import frozen
@@ -168,19 +169,27 @@ def interfaceAddress(name: str) -> str:
     return parseIfreqAddress(ifreq)
 
 
-def _darwinPath(route: DarwinRoute, config: Config) -> GatewayPath:
+def pathFromDarwinRoute(
+    route: DarwinRoute,
+    target: str,
+    config: Config,
+    address: Callable[[str], str] = interfaceAddress,
+) -> GatewayPath:
+    """
+    The path for macOS's answer to C{route -n get TARGET}: towards the
+    configured gateway, else to the default route's gateway.  C{address}
+    gives an interface's address (the source when none is configured).
+    """
     gateway = config.portmap.gateway or gatewayFromDarwinRoute(
         route, config.net.bind_interface
     )
     source = config.portmap.bind_address or (
-        interfaceAddress(route.interface) if route.interface else ""
+        address(route.interface) if route.interface else ""
     )
-    text = (
-        f"default via {route.gateway} dev {route.interface}"
-        if route.gateway
-        else (f"default dev {route.interface}")
+    via = f" via {route.gateway}" if route.gateway else ""
+    return GatewayPath(
+        gateway, source, route.interface, f"{target}{via} dev {route.interface}"
     )
-    return GatewayPath(gateway, source, route.interface, text)
 
 
 def resolvePath(reactor: object, config: Config) -> Deferred[GatewayPath]:
@@ -211,8 +220,8 @@ def resolvePath(reactor: object, config: Config) -> Deferred[GatewayPath]:
         target = portmap.gateway or "default"
         d = getProcessOutput("/sbin/route", ["-n", "get", target], reactor=reactor)
         return d.addCallback(
-            lambda out: _darwinPath(
-                parseRouteGet(out.decode("utf-8", "replace")), config
+            lambda out: pathFromDarwinRoute(
+                parseRouteGet(out.decode("utf-8", "replace")), target, config
             )
         )
     if not sys.platform.startswith("linux"):
