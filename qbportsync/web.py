@@ -4,11 +4,19 @@ The HTTP side for operators: /metrics for Prometheus, /healthz and /status.
 Plain twisted.web resources, no WSGI thread pool.  Which of them listen where
 comes from the C{[metrics]} and C{[health]} sections: one port when they share
 it, two when they do not.
+
+Whoever can reach these ports must not be able to starve the daemon: the
+connections open at once are capped by a share of the descriptor limit
+(L{connectionCap}), the busiest client address giving way to the others
+(L{Connections}); a request must be
+complete within L{REQUEST_DEADLINE} seconds however slowly its bytes come;
+and a request body is refused with 413 before any of it is read.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 from collections.abc import Callable, Sequence
 
 from attrs import frozen
@@ -16,8 +24,15 @@ from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IReactorTCP,
+    IReactorTime,
+)
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
@@ -33,6 +48,35 @@ GetStatus = Callable[[], SyncStatus]
 
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
+
+REQUEST_DEADLINE = 5.0
+"""
+Seconds from a connection (or the previous answer on it) to a complete
+request; then the connection is closed.
+"""
+GRACE = 1.0
+"""
+Seconds a new connection may take to send its request before, at the cap,
+another from its own address may close it (see L{Connections}).
+"""
+MAX_CONNECTIONS = 512
+"""The most operator connections open at once, whatever the descriptor limit."""
+BACKLOG = 1024
+"""
+Connections the kernel may hold for us before we accept them; they cost no
+descriptor of ours, and a flood that fills a short queue would make a
+legitimate client wait for its SYN to be sent again.
+"""
+_SHARE = 4
+"""The operator endpoints may hold a quarter of the descriptors, no more."""
+_TOO_LARGE = (
+    b"HTTP/1.1 413 Content Too Large\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 32\r\n"
+    b"Connection: close\r\n"
+    b"\r\n"
+    b"These paths take no request body\n"
+)
 
 
 def _noStore(request: Request, contentType: bytes) -> None:
@@ -154,7 +198,7 @@ class WebListener:
     """The config keys that asked for it, for error messages."""
     address: str
     port: int
-    site: Site
+    site: OperatorSite
     paths: tuple[str, ...]
 
 
@@ -163,11 +207,12 @@ def planWeb(
     getStatus: GetStatus,
     metrics: Metrics,
     clock: IReactorTime,
+    connections: Connections,
 ) -> list[WebListener]:
     """
     The listeners C{config} asks for: none, one shared by metrics and health,
-    or one each.  The loader has already checked the ports and given health
-    the metrics port when it had none of its own.
+    or one each, sharing C{connections}.  The loader has already checked the
+    ports and given health the metrics port when it had none of its own.
     """
     wanted: dict[tuple[str, int], list[str]] = {}
     if config.metrics.enabled:
@@ -186,21 +231,189 @@ def planWeb(
             ("/healthz", "/status") if withHealth else ()
         )
         listeners.append(
-            WebListener(tuple(keys), address, port, makeSite(root, clock), paths)
+            WebListener(
+                tuple(keys), address, port, makeSite(root, clock, connections), paths
+            )
         )
     return listeners
 
 
-class _QuietSite(Site):
+def connectionCap(descriptorLimit: int) -> int:
+    """
+    How many operator connections may be open at once when the process may
+    open C{descriptorLimit} descriptors: a quarter of them, from 4 to
+    L{MAX_CONNECTIONS}, so that the rest stays for the daemon's own work
+    (the port file, the gateway, qBittorrent, the journal).
+    """
+    if descriptorLimit == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(4, min(MAX_CONNECTIONS, descriptorLimit // _SHARE))
+
+
+def descriptorLimit() -> int:
+    """This process's soft limit on open descriptors (C{RLIMIT_NOFILE})."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Connections:
+    """
+    The operator connections holding a descriptor now, on every listener
+    together, by client address, oldest first.
+
+    At the cap a new connection from an address that holds fewer than the
+    busiest one closes that address's oldest connection; one from the
+    busiest address itself does so only when that connection has had
+    L{GRACE} seconds to send its request, and is turned away at once
+    otherwise.  So a flood of idle connections from one address cannot lock
+    out a client elsewhere (a health checker, Prometheus), a client on the
+    flooding address waits about a second, not the whole deadline, and the
+    count never passes the cap by more than the few connections still
+    closing.
+    """
+
+    def __init__(self, cap: int, clock: IReactorTime) -> None:
+        self.cap = cap
+        self._clock = clock
+        self._slack = max(1, cap // 8)
+        self._byPeer: dict[str, dict[_OperatorChannel, None]] = {}
+        self._closing: set[_OperatorChannel] = set()
+        self._full = False
+
+    def __len__(self) -> int:
+        return sum(map(len, self._byPeer.values())) + len(self._closing)
+
+    def admit(self, peer: str) -> bool:
+        """
+        Whether a new connection from C{peer} may open, closing another to
+        make room if need be.
+        """
+        if len(self) < self.cap:
+            return True
+        if not self._full:
+            self._full = True
+            _log.warn(
+                "{cap} operator connections open at once, the most allowed "
+                "(a quarter of the descriptor limit): closing the oldest of "
+                "the busiest address, refusing more from it",
+                cap=self.cap,
+            )
+        busiest = max(self._byPeer.values(), key=len)
+        oldest = next(iter(busiest))
+        if len(self._closing) >= self._slack or (
+            len(self._byPeer.get(peer, ())) >= len(busiest)
+            and self._clock.seconds() - oldest.openedAt < GRACE
+        ):
+            return False
+        self._forget(oldest)
+        self._closing.add(oldest)
+        oldest.abort()
+        return True
+
+    def add(self, channel: _OperatorChannel) -> None:
+        """Count C{channel} in, as the newest of its address."""
+        channel.openedAt = self._clock.seconds()
+        self._byPeer.setdefault(channel.peer, {})[channel] = None
+
+    def release(self, channel: _OperatorChannel) -> None:
+        """C{channel} has closed: its descriptor is free."""
+        self._closing.discard(channel)
+        self._forget(channel)
+        if len(self) <= self.cap // 2:
+            self._full = False
+
+    def _forget(self, channel: _OperatorChannel) -> None:
+        mine = self._byPeer.get(channel.peer, {})
+        mine.pop(channel, None)
+        if not mine:
+            self._byPeer.pop(channel.peer, None)
+
+
+class _OperatorChannel(http.HTTPChannel):
+    """
+    An HTTP channel whose idle timeout is a deadline for the whole request,
+    that refuses request bodies unread, and that counts itself in and out
+    of the site's L{Connections}.
+    """
+
+    site: OperatorSite
+    peer = ""
+    """The client's address."""
+    openedAt = 0.0
+    _refused = False
+    """A body was refused: what follows the headers is dropped unread."""
+
+    def resetTimeout(self) -> None:
+        """
+        Bytes arriving do not push the deadline back: a client that sends
+        its headers one byte at a time is cut off like a silent one.
+        """
+
+    def timeoutConnection(self) -> None:
+        # Nothing is owed to a client with no complete request: close at
+        # once rather than wait for it to read (HTTPChannel's default).
+        _log.debug("no complete request in {secs} s: closing", secs=self.timeOut)
+        self.abort()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        # length is 0 for no body, None for a chunked one, else the
+        # Content-Length: refuse a body here, before twisted.web reads it
+        # into memory or a temporary file.
+        if self.length != 0:
+            _log.debug("refused a request body ({length} bytes)", length=self.length)
+            self._refused = True
+            self.transport.write(_TOO_LARGE)  # type: ignore[union-attr]
+            self.loseConnection()  # type: ignore[no-untyped-call]
+            return
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+
+    def abort(self) -> None:
+        """Drop the connection now, pending output and all."""
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.connections.release(self)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+class OperatorSite(Site):
     """
     A site that logs each request at debug level only: Prometheus scrapes
     every few seconds, and an access log line for each would drown the rest.
+    Its channels are L{_OperatorChannel}s.
     """
 
     noisy = False
+    protocol = _OperatorChannel  # type: ignore[assignment]
 
-    def __init__(self, root: Resource, clock: IReactorTime) -> None:
-        super().__init__(root, reactor=clock)  # type: ignore[no-untyped-call]
+    def __init__(
+        self, root: Resource, clock: IReactorTime, connections: Connections
+    ) -> None:
+        super().__init__(  # type: ignore[no-untyped-call]
+            root, reactor=clock, timeout=REQUEST_DEADLINE
+        )
+        self.connections = connections
+
+    def buildProtocol(  # type: ignore[override]
+        self, addr: IAddress | None
+    ) -> _OperatorChannel | None:
+        """
+        A channel for a new connection, or L{None}, which closes it at once,
+        when L{Connections} has no room for it.
+        """
+        peer = addr.host if isinstance(addr, IPv4Address | IPv6Address) else ""
+        if not self.connections.admit(peer):
+            _log.debug("refused a connection from {peer}: no room", peer=peer)
+            return None
+        channel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+        assert isinstance(channel, _OperatorChannel)
+        channel.peer = peer
+        self.connections.add(channel)
+        return channel
 
     def logPrefix(self) -> str:
         return "Operator HTTP"
@@ -216,9 +429,14 @@ class _QuietSite(Site):
         )
 
 
-def makeSite(root: Resource, clock: IReactorTime) -> Site:
-    """A site for C{root} that logs each request at debug level only."""
-    return _QuietSite(root, clock)
+def makeSite(
+    root: Resource, clock: IReactorTime, connections: Connections
+) -> OperatorSite:
+    """
+    A site for C{root} that logs each request at debug level only, and whose
+    connections count towards C{connections}.
+    """
+    return OperatorSite(root, clock, connections)
 
 
 class WebService(Service):
@@ -235,6 +453,11 @@ class WebService(Service):
         self._ports: list[IListeningPort] = []
 
     @property
+    def listeners(self) -> tuple[WebListener, ...]:
+        """What this service listens on, as planned."""
+        return self._listeners
+
+    @property
     def ports(self) -> list[IListeningPort]:
         """The ports listened on so far, in the order of the listeners."""
         return list(self._ports)
@@ -249,6 +472,7 @@ class WebService(Service):
                 port = self._reactor.listenTCP(
                     listener.port,
                     listener.site,  # type: ignore[arg-type]
+                    backlog=BACKLOG,
                     interface=listener.address,
                 )
             except CannotListenError as e:
@@ -260,9 +484,11 @@ class WebService(Service):
             host = port.getHost()
             bound = host.port if isinstance(host, IPv4Address | IPv6Address) else 0
             _log.info(
-                "serving {paths} on http://{where}/",
+                "serving {paths} on http://{where}/ "
+                "(at most {cap} connections at once)",
                 paths=" ".join(listener.paths),
                 where=_hostPort(listener.address, bound),
+                cap=listener.site.connections.cap,
             )
 
     def privilegedStartService(self) -> None:
@@ -287,9 +513,13 @@ def makeWebService(
     config: Config,
     getStatus: GetStatus,
     metrics: Metrics,
+    descriptors: int | None = None,
 ) -> WebService:
     """
     The web service C{config} asks for; it listens nowhere when neither
-    C{[metrics]} nor C{[health]} is enabled.
+    C{[metrics]} nor C{[health]} is enabled.  Its connections are capped by
+    L{connectionCap} of C{descriptors}, this process's limit by default.
     """
-    return WebService(reactor, planWeb(config, getStatus, metrics, clock))
+    cap = connectionCap(descriptorLimit() if descriptors is None else descriptors)
+    listeners = planWeb(config, getStatus, metrics, clock, Connections(cap, clock))
+    return WebService(reactor, listeners)

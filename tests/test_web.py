@@ -2,27 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import resource
+import select
+import signal
 import socket
-from typing import Any
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, NoReturn
 
 import treq
 from attrs import evolve
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import (
+    MemoryReactor,
+    StringTransport,
+    StringTransportWithDisconnection,
+)
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from qbportsync.config import Config, ListenConfig
 from qbportsync.metrics import Metrics
 from qbportsync.status import SyncStatus, isHealthy, statusLine
 from qbportsync.web import (
+    GRACE,
+    MAX_CONNECTIONS,
+    REQUEST_DEADLINE,
+    Connections,
     ListenError,
     WebListener,
     WebService,
+    connectionCap,
     makeSite,
     makeWebRoot,
     makeWebService,
@@ -30,6 +53,7 @@ from qbportsync.web import (
 )
 
 NOW = 1_700_000_000.0
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NEVER = SyncStatus(strategy="natpmp")
 GOOD = SyncStatus(
@@ -251,7 +275,9 @@ def _config(metrics: ListenConfig, health: ListenConfig) -> Config:
 
 
 def _plan(config: Config) -> list[tuple[tuple[str, ...], str, int, tuple[str, ...]]]:
-    listeners = planWeb(config, _Holder(GOOD).get, Metrics.create(), Clock())
+    listeners = planWeb(
+        config, _Holder(GOOD).get, Metrics.create(), Clock(), Connections(8, Clock())
+    )
     return [(each.keys, each.address, each.port, each.paths) for each in listeners]
 
 
@@ -310,7 +336,8 @@ class WebServiceTests(SynchronousTestCase):
 
 
 def _listener(keys: tuple[str, ...], port: int, root: Resource) -> WebListener:
-    return WebListener(keys, "127.0.0.1", port, makeSite(root, Clock()), ("/metrics",))
+    site = makeSite(root, Clock(), Connections(8, Clock()))
+    return WebListener(keys, "127.0.0.1", port, site, ("/metrics",))
 
 
 class RealListenTests(TestCase):
@@ -367,3 +394,320 @@ class RealListenTests(TestCase):
         self.assertEqual(len(service.ports), 1)
         await service.stopService()
         self.assertEqual(service.ports, [])
+
+
+def _connect(
+    site: Site,
+    host: str = "127.0.0.1",
+    port: int = 40000,
+    transport: StringTransport | None = None,
+) -> tuple[Protocol | None, StringTransport]:
+    """
+    A connection to C{site} from C{host} over a string transport; the
+    protocol is None when the site turned it away.  By default closing the
+    transport tells the protocol at once, as a closed socket would.
+    """
+    channel = site.buildProtocol(IPv4Address("TCP", host, port))
+    if transport is None:
+        transport = StringTransportWithDisconnection()
+        transport.protocol = channel
+    if channel is not None:
+        channel.makeConnection(transport)
+    return channel, transport
+
+
+_GET = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+class BoundsTests(SynchronousTestCase):
+    """Whoever reaches the port cannot hold descriptors or memory for long."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.connections = Connections(3, self.clock)
+        root = makeWebRoot(_Holder(GOOD).get, Metrics.create(), True, self.clock)
+        self.site = makeSite(root, self.clock, self.connections)
+
+    def test_cap(self) -> None:
+        """A quarter of the descriptor limit, from 4 up to MAX_CONNECTIONS."""
+        self.assertEqual(
+            [connectionCap(n) for n in (8, 256, 1024, 4096, 1 << 20)],
+            [4, 64, 256, 512, MAX_CONNECTIONS],
+        )
+        self.assertEqual(connectionCap(resource.RLIM_INFINITY), MAX_CONNECTIONS)
+
+    def test_unitsRaiseTheLimit(self) -> None:
+        """
+        The systemd units raise the descriptor limit above systemd's 1,024,
+        so that the endpoints get their full cap and the daemon thrice as
+        many for itself.
+        """
+        for unit in ("qb-port-sync.service", "qb-port-sync-oneshot.service"):
+            with open(os.path.join(ROOT, "systemd", unit)) as f:
+                limits = [
+                    line.partition("=")[2].strip()
+                    for line in f
+                    if line.startswith("LimitNOFILE=")
+                ]
+            self.assertEqual(len(limits), 1, unit)
+            limit = int(limits[0])
+            self.assertEqual(connectionCap(limit), MAX_CONNECTIONS, unit)
+            self.assertGreaterEqual(limit - MAX_CONNECTIONS, 3 * MAX_CONNECTIONS)
+
+    def test_serviceCapFromLimit(self) -> None:
+        """The web service takes its cap from the descriptor limit given."""
+        config = _config(ListenConfig(True, 9000), ListenConfig(True, 9001))
+        service = makeWebService(
+            MemoryReactor(), Clock(), config, _Holder(GOOD).get, Metrics.create(), 256
+        )
+        metricsSite, healthSite = (each.site for each in service.listeners)
+        self.assertEqual(metricsSite.connections.cap, 64)
+        self.assertIs(metricsSite.connections, healthSite.connections)
+
+    def test_idleConnectionCut(self) -> None:
+        """A connection that sends nothing is closed after REQUEST_DEADLINE."""
+        _, transport = _connect(self.site)
+        self.clock.advance(REQUEST_DEADLINE - 0.1)
+        self.assertTrue(transport.connected)
+        self.clock.advance(0.1)
+        self.assertFalse(transport.connected)
+        self.assertEqual(len(self.connections), 0)
+
+    def test_slowHeadersCut(self) -> None:
+        """Headers trickling in a byte at a time do not push the deadline back."""
+        _, transport = _connect(self.site)
+        for byte in _GET[:-3]:
+            self.clock.advance(REQUEST_DEADLINE / len(_GET))
+            transport.protocol.dataReceived(bytes([byte]))
+        self.assertTrue(transport.connected)
+        self.clock.advance(REQUEST_DEADLINE)
+        self.assertFalse(transport.connected)
+        self.assertEqual(transport.value(), b"")
+
+    def test_keepAliveDeadlineRestarts(self) -> None:
+        """After an answer the next request has a full deadline again."""
+        _, transport = _connect(self.site)
+        self.clock.advance(REQUEST_DEADLINE - 0.1)
+        transport.protocol.dataReceived(_GET)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.clock.advance(REQUEST_DEADLINE - 0.1)
+        self.assertTrue(transport.connected)
+        self.clock.advance(0.1)
+        self.assertFalse(transport.connected)
+
+    def _refused(self, request: bytes) -> bytes:
+        def noTemporaryFiles(*args: object, **kwargs: object) -> NoReturn:
+            raise AssertionError("a request body went to a temporary file")
+
+        self.patch(tempfile, "TemporaryFile", noTemporaryFiles)
+        _, transport = _connect(self.site)
+        transport.protocol.dataReceived(request)
+        self.assertFalse(transport.connected)
+        self.assertEqual(len(self.connections), 0)
+        return transport.value()
+
+    def test_bodyRefusedUnread(self) -> None:
+        """A 200 MB POST gets 413 from its headers; nothing of it is stored."""
+        answer = self._refused(
+            b"POST /healthz HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Length: 200000000\r\n\r\n" + b"x" * 65536
+        )
+        self.assertEqual(
+            answer,
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: 32\r\nConnection: close\r\n\r\n"
+            b"These paths take no request body\n",
+        )
+
+    def test_chunkedBodyRefused(self) -> None:
+        """A chunked body, of no stated length, is refused the same way."""
+        answer = self._refused(
+            b"POST /healthz HTTP/1.1\r\nHost: localhost\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n10000\r\n" + b"x" * 65536
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "))
+
+    def test_noContinueForABody(self) -> None:
+        """A client that asks before sending its body is told 413, not 100."""
+        answer = self._refused(
+            b"PUT /metrics HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "))
+        self.assertNotIn(b"100 Continue", answer)
+
+    def test_emptyBodyAnswered(self) -> None:
+        """Content-Length: 0 is no body: the request is answered."""
+        _, transport = _connect(self.site)
+        transport.protocol.dataReceived(
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+
+    def test_busiestAddressTurnedAway(self) -> None:
+        """
+        At the cap the address holding the most gets no more at once; after
+        GRACE its own oldest connection gives way to its new one.
+        """
+        transports = [_connect(self.site, "192.0.2.1", 40000 + n)[1] for n in range(3)]
+        self.clock.advance(GRACE - 0.1)
+        channel, _ = _connect(self.site, "192.0.2.1", 40003)
+        self.assertIsNone(channel)
+        self.assertEqual([each.connected for each in transports], [True] * 3)
+        self.assertEqual(len(self.connections), 3)
+        self.clock.advance(0.1)
+        channel, _ = _connect(self.site, "192.0.2.1", 40004)
+        self.assertIsNotNone(channel)
+        self.assertEqual([each.connected for each in transports], [False, True, True])
+
+    def test_otherAddressGetsIn(self) -> None:
+        """Another address closes the busiest one's oldest and is answered."""
+        flood = [_connect(self.site, "192.0.2.1", 40000 + n)[1] for n in range(3)]
+        channel, transport = _connect(self.site, "127.0.0.1")
+        self.assertIsNotNone(channel)
+        self.assertEqual([each.connected for each in flood], [False, True, True])
+        self.assertEqual(len(self.connections), 3)
+        transport.protocol.dataReceived(_GET)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        flood[1].loseConnection()
+        self.assertEqual(len(self.connections), 2)
+
+    def test_closingStillCounts(self) -> None:
+        """
+        A connection closed to make room holds its descriptor until the
+        close is done: until then no more room is made.
+        """
+        connections = Connections(8, self.clock)
+        root = makeWebRoot(_Holder(GOOD).get, None, True, self.clock)
+        site = makeSite(root, self.clock, connections)
+        flood = [
+            _connect(site, "192.0.2.1", 40000 + n, StringTransport()) for n in range(8)
+        ]
+        self.assertIsNotNone(_connect(site, "192.0.2.2")[0])
+        self.assertEqual(len(connections), 9)
+        self.assertIsNone(_connect(site, "192.0.2.3")[0])
+        oldest, transport = flood[0]
+        assert oldest is not None
+        self.assertTrue(transport.disconnecting)
+        oldest.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(connections), 8)
+        self.assertIsNotNone(_connect(site, "192.0.2.3")[0])
+
+    def test_warnsOncePerFlood(self) -> None:
+        """Reaching the cap is logged once, not once per connection."""
+        with capturedLogs() as events:
+            for n in range(20):
+                _connect(self.site, "192.0.2.1", 40000 + n)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn(
+            "3 operator connections open at once, the most allowed",
+            formatEvent(warnings[0]),
+        )
+
+
+HOSTILE = 1000
+CHILD_LIMIT = 256
+
+
+class _Child:
+    """tests.webchild running under CHILD_LIMIT descriptors, stopped by PID."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.webchild", str(CHILD_LIMIT)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT},
+            stdout=subprocess.PIPE,
+        )
+        case.addCleanup(self.stop)
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], 30)
+        line = self.process.stdout.readline() if ready else b""
+        if not line.strip().isdigit():
+            raise AssertionError(f"the child did not start: {line!r}")
+        self.port = int(line)
+
+    def stop(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+    def get(self, path: str) -> tuple[bytes, float]:
+        """One request on a fresh connection: the whole answer, and seconds."""
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: localhost\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        return answer, time.monotonic() - started
+
+
+def _body(answer: bytes) -> bytes:
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+class FloodTests(SynchronousTestCase):
+    """
+    The real web service in a child process limited to 256 descriptors,
+    under 1,000 hostile connections from this test.
+    """
+
+    def hostile(self, port: int) -> list[socket.socket]:
+        """
+        HOSTILE connections from another loopback address (127.0.0.2, as
+        from another host), each sending half a request line, then idling.
+        """
+        sockets: list[socket.socket] = []
+        self.addCleanup(lambda: [s.close() for s in sockets])
+        for _ in range(HOSTILE):
+            s = socket.socket()
+            sockets.append(s)
+            s.setblocking(False)
+            s.bind(("127.0.0.2", 0))
+            s.connect_ex(("127.0.0.1", port))
+        deadline = time.monotonic() + 20
+        waiting = list(sockets)
+        while waiting and time.monotonic() < deadline:
+            _, writable, _ = select.select([], waiting, [], 1)
+            for s in writable:
+                waiting.remove(s)
+                with contextlib.suppress(OSError):
+                    s.send(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        self.assertEqual(waiting, [], "connections still pending after 20 s")
+        return sockets
+
+    def test_healthUnderFlood(self) -> None:
+        """/healthz answers at once, and the daemon keeps descriptors to work."""
+        child = _Child(self)
+        sockets = self.hostile(child.port)
+        for _ in range(5):
+            answer, seconds = child.get("/healthz")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
+            self.assertEqual(_body(answer), b"OK")
+            self.assertLess(seconds, 1.0)
+        probe = json.loads(_body(child.get("/probe")[0]))
+        self.assertGreater(probe["done"], 0)
+        self.assertEqual(probe["failed"], 0)
+        self.assertLessEqual(probe["connections"], connectionCap(CHILD_LIMIT))
+        # At least half the descriptors stayed free for the daemon throughout.
+        self.assertLess(probe["peak"], CHILD_LIMIT // 2)
+        # Every hostile connection is closed: given way or past its deadline.
+        deadline = time.monotonic() + REQUEST_DEADLINE + 10
+        open_ = list(sockets)
+        while open_ and time.monotonic() < deadline:
+            readable, _, _ = select.select(open_, [], [], 1)
+            for s in readable:
+                with contextlib.suppress(OSError):
+                    if s.recv(4096):
+                        continue
+                open_.remove(s)
+        self.assertEqual(len(open_), 0, "hostile connections still open")
+        self.assertEqual(json.loads(_body(child.get("/probe")[0]))["connections"], 1)
