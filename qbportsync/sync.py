@@ -40,8 +40,8 @@ MAX_RETRY_SECS = 60.0
 
 RESTORE_SPACING_SECS = 15.0
 """
-A drifted port is set back no sooner than this after we last set it: before
-a tug-of-war is recognised it costs at most one apply per 15 s.
+A drifted port is set back no sooner than this after our last apply of it
+ended: before a tug-of-war is recognised, no 15 s holds two applies.
 """
 CONTEST_MEMORY_SECS = 600.0
 """A drift this soon after we last set our port back means a tug-of-war."""
@@ -131,7 +131,7 @@ class PortSync(Service):
         self._lastRestore: float | None = None
         """When we last set our port back after finding another."""
         self._lastApply: tuple[int, float] | None = None
-        """The port of the last apply and when it began."""
+        """The port of the last apply qBittorrent answered, and when."""
         self._contest: _Contest | None = None
         self._healer = healer
         self._networkEvents = networkEvents
@@ -250,7 +250,6 @@ class PortSync(Service):
             return
         self._generation += 1
         started = self._reactor.seconds()
-        self._lastApply = (port, started)
         d = self._sink.apply(port, self._bindInterface)
         self._inFlight = d.addCallbacks(
             self._applied, self._failed, errbackArgs=(port,)
@@ -259,6 +258,7 @@ class PortSync(Service):
 
     def _applied(self, result: ApplyResult) -> None:
         now = self._reactor.seconds()
+        self._lastApply = (result.port, now)
         self._backoff.reset()
         self._metrics.qbittorrent_up.set(1)
         if not result.verified:

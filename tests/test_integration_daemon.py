@@ -8,11 +8,17 @@ one-shot), with the password in C{QB_PORT_SYNC_QB_PASSWORD}.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -20,7 +26,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import qbportsync
 from qbportsync.sync import RESTORE_SPACING_SECS
-from tests.rig import QBittorrentRig, requireQBittorrent, stopProcess, waitFor
+from tests.rig import (
+    NetworkNamespace,
+    QBittorrentRig,
+    requireQBittorrent,
+    stopProcess,
+    waitFor,
+)
 
 PASSWORD_ENV = "QB_PORT_SYNC_QB_PASSWORD"
 SLACK_SECS = 10.0
@@ -61,18 +73,30 @@ class DaemonTestCase(SynchronousTestCase):
         # output each process ever wrote.
         self.addCleanup(self.assertNoSecrets)
 
-    def writeConfig(self, verifyInterval: float = 30.0) -> Path:
+    def writeConfig(
+        self,
+        verifyInterval: float = 30.0,
+        baseURL: str | None = None,
+        bindInterface: str = "",
+        healthPort: int = 0,
+    ) -> Path:
         """Write a config for the rig; the password stays out of it."""
         path = self.directory / "config.toml"
-        path.write_text(
+        text = (
             "[qbittorrent]\n"
-            f'base_url = "{self.rig.baseURL}"\n'
+            f'base_url = "{baseURL or self.rig.baseURL}"\n'
             f'username = "{self.rig.username}"\n'
             f"verify_interval_secs = {verifyInterval}\n"
             "\n"
             "[protonvpn]\n"
             f'forwarded_port_path = "{self.portFile}"\n'
+            "\n"
+            "[net]\n"
+            f'bind_interface = "{bindInterface}"\n'
         )
+        if healthPort:
+            text += f"\n[health]\nenabled = true\nport = {healthPort}\n"
+        path.write_text(text)
         return path
 
     def environment(self, password: str | None) -> dict[str, str]:
@@ -86,8 +110,16 @@ class DaemonTestCase(SynchronousTestCase):
         env[PASSWORD_ENV] = self.rig.password if password is None else password
         return env
 
-    def spawn(self, argv: list[str], password: str | None = None) -> _Run:
-        """Start C{python -m qbportsync ARGV}; stop it by PID in cleanup."""
+    def spawn(
+        self,
+        argv: list[str],
+        password: str | None = None,
+        inNamespace: bool = False,
+    ) -> _Run:
+        """
+        Start C{python -m qbportsync ARGV}, inside qBittorrent's namespace
+        when asked; stop it by PID in cleanup.
+        """
         stem = self.directory / f"run-{len(self.runs)}"
         stdout: IO[bytes]
         stderr: IO[bytes]
@@ -95,8 +127,19 @@ class DaemonTestCase(SynchronousTestCase):
             open(stem.with_suffix(".stdout"), "wb") as stdout,
             open(stem.with_suffix(".stderr"), "wb") as stderr,
         ):
+            command = [
+                sys.executable,
+                "-m",
+                "qbportsync",
+                *argv,
+                "--log-level",
+                "debug",
+            ]
+            if inNamespace:
+                # ip netns exec keeps the PID: stopping it stops the daemon.
+                command = self.rig.namespace.command(command)
             process = subprocess.Popen(
-                [sys.executable, "-m", "qbportsync", *argv, "--log-level", "debug"],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
                 stderr=stderr,
@@ -109,12 +152,24 @@ class DaemonTestCase(SynchronousTestCase):
         return run
 
     def startDaemon(
-        self, verifyInterval: float = 30.0, password: str | None = None
+        self,
+        verifyInterval: float = 30.0,
+        password: str | None = None,
+        inNamespace: bool = False,
+        **config: Any,
     ) -> _Run:
-        """Start the long-running daemon following the port file."""
-        config = self.writeConfig(verifyInterval)
+        """
+        Start the long-running daemon following the port file; its /status
+        is served on C{self.healthPort} unless it runs in the namespace.
+        """
+        if not inNamespace:
+            config.setdefault("healthPort", freePort())
+            self.healthPort = config["healthPort"]
+        path = self.writeConfig(verifyInterval, **config)
         return self.spawn(
-            ["--config", str(config), "--strategy", "file"], password=password
+            ["--config", str(path), "--strategy", "file"],
+            password=password,
+            inNamespace=inNamespace,
         )
 
     def runOnce(self, password: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -151,6 +206,32 @@ class DaemonTestCase(SynchronousTestCase):
             )
         except AssertionError as e:
             raise AssertionError(f"{e}\n{self.outputs()}") from None
+
+    def status(self) -> dict[str, Any]:
+        """The running daemon's /status document."""
+        url = f"http://127.0.0.1:{self.healthPort}/status"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            document: dict[str, Any] = json.load(response)
+            return document
+
+    def waitForStatus(
+        self, predicate: Callable[[dict[str, Any]], bool], what: str
+    ) -> dict[str, Any]:
+        """Wait until the daemon's /status satisfies C{predicate}; return it."""
+        seen: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            try:
+                seen[:] = [self.status()]
+            except OSError:
+                return False
+            return predicate(seen[0])
+
+        try:
+            waitFor(check, f"/status to show {what}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; last: {seen}\n{self.outputs()}") from None
+        return seen[0]
 
     def waitForListening(self, port: int) -> None:
         """Wait until libtorrent really listens on C{port}."""
@@ -257,8 +338,14 @@ class FollowTests(DaemonTestCase):
                 self.writeInPlace(str(port))
         self.waitForPort(ports[-1])
         self.waitForListening(ports[-1])
-        # Nothing applied late may move it away again.
-        time.sleep(1)
+        # Once the daemon has read the last port and applied it, no earlier
+        # port is left to apply late.
+        self.waitForStatus(
+            lambda s: (
+                s["source_port"] == s["applied_port"] == ports[-1] and s["healthy"]
+            ),
+            f"port {ports[-1]} read, applied and verified",
+        )
         self.assertEqual(self.rig.listenPort(), ports[-1])
 
     def test_restoresDrift(self) -> None:
@@ -297,7 +384,10 @@ class FollowTests(DaemonTestCase):
         self.waitForPort(46000)
         self.rig.stop()
         self.writeByRename("46001")
-        time.sleep(0.5)
+        self.waitForStatus(
+            lambda s: s["source_port"] == 46001 and s["last_attempt_failed"],
+            "port 46001 read and its apply failed",
+        )
         self.rig.start()
         self.waitForPort(46001)
 
@@ -308,26 +398,298 @@ class FollowTests(DaemonTestCase):
         self.waitForPort(47000)
         for content in ["", "not a port\n", "0", "70000"]:
             self.writeInPlace(content)
-            time.sleep(0.3)
+            self.waitForStatus(
+                lambda s: s["source_trouble"] is not None, f"{content!r} read"
+            )
             self.assertEqual(self.rig.listenPort(), 47000, f"after {content!r}")
+            self.writeInPlace("47000")
+            self.waitForStatus(lambda s: s["healthy"], "port 47000 read again")
         self.writeInPlace("47001")
         self.waitForPort(47001)
         self.assertIsNone(daemon.process.poll(), self.outputs())
 
     def test_wrongPasswordBurnsOneTry(self) -> None:
         """
-        With a wrong password the daemon fails one login and then waits: no
-        second try within ten seconds, no ban, and it keeps running.
+        With a wrong password the daemon fails one login and then waits: ten
+        port changes, each read by the daemon, bring no second try, no ban,
+        and it keeps running.
         """
         client = self.rig.namespace.clientAddress
         self.writeInPlace("48000")
         daemon = self.startDaemon(password="not-the-password")
         waitFor(lambda: self.rig.failedLogins(client) != [], "a failed login")
-        # Port changes must not trigger logins either.
         for port in range(48001, 48011):
             self.writeInPlace(str(port))
-            time.sleep(1)
+            self.waitForStatus(
+                lambda s, port=port: s["source_port"] == port, f"port {port} read"
+            )
         self.assertEqual(len(self.rig.failedLogins(client)), 1, self.rig.log())
         self.assertIsNone(daemon.process.poll(), self.outputs())
         self.assertNotEqual(self.rig.listenPort(), 48010)
         self.assertFalse(self.rig.isBanned(client))
+
+
+def peerConnects(address: str, port: int) -> bool:
+    """Whether a TCP connection from the host to C{address}:C{port} completes."""
+    try:
+        with socket.create_connection((address, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def bounceLink(namespace: NetworkNamespace) -> None:
+    """
+    Delete the namespace's veth pair and create it again with the same names
+    and addresses, as C{wg-quick down} then C{up} does to a VPN interface.
+    """
+    plen = str(namespace.network.prefixlen)
+    host = namespace.hostInterface
+
+    def ip(*argv: str) -> None:
+        subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=10)
+
+    ip("link", "delete", host)
+    ip(
+        "link",
+        "add",
+        host,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "qbps0",
+        "netns",
+        namespace.name,
+    )
+    Path(f"/proc/sys/net/ipv6/conf/{host}/disable_ipv6").write_text("1")
+    for address in (namespace.clientAddress, namespace.adminAddress):
+        ip("addr", "add", f"{address}/{plen}", "dev", host)
+    ip("link", "set", host, "up")
+    namespace.run(["ip", "addr", "add", f"{namespace.address}/{plen}", "dev", "qbps0"])
+    namespace.run(["ip", "link", "set", "qbps0", "up"])
+
+
+def freePort() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+_REQUEST_LINE = re.compile(rb"(?:GET|POST) (/api/v2/\S+) HTTP/1\.[01]\r\n")
+
+
+class CountingProxy:
+    """
+    A TCP proxy on 127.0.0.1 in front of qBittorrent's Web UI that notes the
+    time and path of every Web API request passing through it.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.requests: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self.port: int = self._server.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._start(self._accept)
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target, timeout=5)
+            for s in (client, upstream):
+                s.settimeout(0.2)
+                self._sockets.append(s)
+            self._start(self._pump, client, upstream, True)
+            self._start(self._pump, upstream, client, False)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+        pending = b""
+        while not self._stopping.is_set():
+            try:
+                data = source.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                with contextlib.suppress(OSError):
+                    sink.shutdown(socket.SHUT_WR)
+                return
+            if count:
+                pending += data
+                now = time.monotonic()
+                with self._lock:
+                    for match in _REQUEST_LINE.finditer(pending):
+                        self.requests.append((now, match.group(1).decode()))
+                pending = pending[pending.rfind(b"\r\n") + 2 :]
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def busiestWindow(self, seconds: float = 15.0) -> int:
+        """The most requests in any C{seconds} window."""
+        with self._lock:
+            times = [t for t, _ in self.requests]
+        return max(
+            (sum(1 for u in times if t <= u < t + seconds) for t in times), default=0
+        )
+
+    def close(self) -> None:
+        """Stop accepting and pumping; join every thread."""
+        self._stopping.set()
+        self._server.close()
+        for s in self._sockets:
+            s.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
+class ListenerHealTests(DaemonTestCase):
+    """
+    qBittorrent bound to its interface stops accepting connections when the
+    interface is deleted and created again; the daemon, in the same network
+    namespace, makes it listen again.
+    """
+
+    def bindAndListen(self, port: int) -> None:
+        """Wait until qBittorrent is bound to qbps0 and a peer can connect."""
+        waitFor(
+            lambda: self.rig.preferences()["current_network_interface"] == "qbps0",
+            "qBittorrent to be bound to qbps0",
+        )
+        waitFor(
+            lambda: peerConnects(self.rig.namespace.address, port),
+            f"a peer to connect to port {port}",
+            timeout=5,
+        )
+
+    def bounceAndShowRefused(self, port: int) -> float:
+        """Bounce the link; a peer is refused; the time the link came back."""
+        bounceLink(self.rig.namespace)
+        back = time.monotonic()
+        self.assertFalse(
+            peerConnects(self.rig.namespace.address, port),
+            "qBittorrent still accepts connections after the interface bounce",
+        )
+        return back
+
+    def waitForHeal(self, port: int, since: float, how: str) -> float:
+        """Wait (at most 10 s) until a peer connects again; the seconds taken."""
+        try:
+            waitFor(
+                lambda: peerConnects(self.rig.namespace.address, port),
+                f"a peer to connect to port {port} again",
+                timeout=10 - (time.monotonic() - since),
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.outputs()}") from None
+        healed = time.monotonic() - since
+        print(f"\n  listener healed ({how}) {healed:.2f} s after {self.id()}", end=" ")
+        return healed
+
+    def healLines(self, run: _Run) -> list[str]:
+        return [
+            line for line in run.output().splitlines() if "made it listen again" in line
+        ]
+
+    def test_interfaceBounceHealedByEvents(self) -> None:
+        """
+        The interface is deleted and created again: connections are refused,
+        and the daemon, told by netlink, heals it within 10 s, in one line.
+        """
+        self.writeInPlace("40600")
+        # A verify far off: only the network events can heal within 10 s.
+        daemon = self.startDaemon(
+            verifyInterval=120, bindInterface="qbps0", inNamespace=True
+        )
+        self.waitForPort(40600)
+        self.bindAndListen(40600)
+        back = self.bounceAndShowRefused(40600)
+        self.waitForHeal(40600, back, "network events")
+        waitFor(lambda: self.healLines(daemon) != [], "the daemon's heal line", 5)
+        self.assertEqual(len(self.healLines(daemon)), 1, daemon.output())
+        self.assertIn("network interface qbps0 changed", self.healLines(daemon)[0])
+        self.assertIsNone(daemon.process.poll(), self.outputs())
+
+    def test_deadListenerHealedByVerify(self) -> None:
+        """
+        A daemon started after the bounce hears no network event: its first
+        verify connects, finds the listener dead, and heals it.
+        """
+        self.rig.setPreferences(
+            {"current_network_interface": "qbps0", "listen_port": 40700}
+        )
+        self.bindAndListen(40700)
+        self.bounceAndShowRefused(40700)
+        self.writeInPlace("40700")
+        started = time.monotonic()
+        daemon = self.startDaemon(
+            verifyInterval=1, bindInterface="qbps0", inNamespace=True
+        )
+        self.waitForHeal(40700, started, "verify")
+        waitFor(lambda: self.healLines(daemon) != [], "the daemon's heal line", 5)
+        [line] = self.healLines(daemon)
+        self.assertIn("periodic check", line)
+
+
+class TugOfWarTests(DaemonTestCase):
+    """Something else keeps resetting qBittorrent's port: the daemon backs off."""
+
+    def test_backsOffFromRival(self) -> None:
+        """
+        A rival sets its own port every second while the daemon verifies
+        every 2 s: at most 7 Web API requests in any 15 s (0.5/s), one
+        warning naming the culprits, and /status says the port is contested.
+        """
+        seconds = 90.0 if os.environ.get("QBPORTSYNC_SLOW") == "1" else 20.0
+        proxy = CountingProxy((self.rig.namespace.address, self.rig.webuiPort))
+        self.addCleanup(proxy.close)
+        # Requests through the proxy carry its address as Host, as behind any
+        # reverse proxy that does not pass the Host header through.
+        self.rig.setPreferences({"web_ui_host_header_validation_enabled": False})
+        self.writeInPlace("40800")
+        daemon = self.startDaemon(
+            verifyInterval=2, baseURL=f"http://127.0.0.1:{proxy.port}"
+        )
+        self.waitForPort(40800)
+        started = time.monotonic()
+        writes = 0
+        while time.monotonic() - started < seconds:
+            self.rig.setPreferences({"listen_port": 40999})
+            writes += 1
+            time.sleep(1)
+        status = self.status()
+        busiest = proxy.busiestWindow()
+        total = len(proxy.requests)
+        print(
+            f"\n  tug-of-war for {seconds:.0f} s ({writes} rival writes): "
+            f"{total} requests, {total / seconds:.2f}/s on average, "
+            f"at most {busiest} in 15 s ({busiest / 15:.2f}/s)",
+            end=" ",
+        )
+        self.assertLessEqual(busiest, 7, proxy.requests)
+        self.assertIs(status["contested"], True, status)
+        self.assertIsNotNone(status["contested_since"])
+        warnings = [
+            line for line in daemon.output().splitlines() if "keeps changing" in line
+        ]
+        self.assertEqual(len(warnings), 1, daemon.output())
+        self.assertIn("VPN_PORT_FORWARDING_UP_COMMAND", warnings[0])

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock, LoopingCall
+from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -412,8 +412,15 @@ class ContestedSink:
     of each call (an apply is at most four Web API requests, a check one).
     """
 
-    def __init__(self, clock: Clock, period: float, rival: int = 6881) -> None:
+    def __init__(
+        self, clock: Clock, period: float, rival: int = 6881, slowness: float = 0.0
+    ) -> None:
+        """
+        @param slowness: seconds an apply takes; its first request goes at
+            the start, the other three at the end.
+        """
         self.clock = clock
+        self.slowness = slowness
         self.port = rival
         self.rival = rival
         self.requests: list[tuple[float, int]] = []
@@ -425,12 +432,18 @@ class ContestedSink:
         self.port = self.rival
 
     def apply(self, port: int, bindInterface: str) -> Deferred[ApplyResult]:
-        self.requests.append((self.clock.seconds(), 4))
+        if not self.slowness:
+            self.requests.append((self.clock.seconds(), 4))
+            return succeed(self.set(port))
+        self.requests.append((self.clock.seconds(), 1))
+        return deferLater(self.clock, self.slowness, self.set, port, requests=3)
+
+    def set(self, port: int, requests: int = 0) -> ApplyResult:
+        if requests:
+            self.requests.append((self.clock.seconds(), requests))
         previous = self.port
         self.port = port
-        return succeed(
-            ApplyResult(port, previous, applied=previous != port, verified=True)
-        )
+        return ApplyResult(port, previous, applied=previous != port, verified=True)
 
     def listenPort(self) -> Deferred[int]:
         self.requests.append((self.clock.seconds(), 1))
@@ -487,6 +500,18 @@ class ContestTests(SynchronousTestCase):
         self.elapse(3600)
         self.assertLessEqual(self.busiestWindow(sink), 7)
         self.assertLess(len(sink.requests), 3600 * 0.02)
+
+    def test_rateWithSlowApplies(self) -> None:
+        """
+        Applies that take 3 s each (a loaded qBittorrent) still leave no
+        15 s window with more than 7 requests.
+        """
+        sink = ContestedSink(self.clock, period=1.0, slowness=3.0)
+        self.start(sink)
+        self.source.emit(40000)
+        self.elapse(3600)
+        self.assertLessEqual(self.busiestWindow(sink), 7)
+        self.assertGreater(sample(self.metrics, "qb_port_sync_conflicts_total"), 5)
 
     def test_waitsGrowToMinutes(self) -> None:
         """The waits between rounds double from 16 s up to the cap."""
