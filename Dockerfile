@@ -27,10 +27,14 @@ FROM ${BASE_IMAGE}
 RUN groupadd --system --gid 10001 qbportsync \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin qbportsync \
- && mkdir -p /etc/qb-port-sync
+ && mkdir -p /etc/qb-port-sync \
+ && install -d -m 0700 -o qbportsync -g qbportsync /var/lib/qb-port-sync
 COPY --from=builder /opt/qbportsync /opt/qbportsync
 COPY config/config.example.toml /etc/qb-port-sync/config.example.toml
+# The record of refused logins; mount a volume there (-v qbps-state:/var/lib/
+# qb-port-sync) so that --once runs share it and never earn a login ban.
 ENV PATH=/opt/qbportsync/bin:$PATH \
+    STATE_DIRECTORY=/var/lib/qb-port-sync \
     PYTHONUNBUFFERED=1 \
     QBPORTSYNC_HEALTHZ_URL=http://127.0.0.1:9000/healthz
 USER qbportsync

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 import time
 import tracemalloc
 from typing import Any
@@ -27,6 +28,7 @@ from twisted.web.server import Site
 from qbportsync.config import QBittorrentConfig
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
+from qbportsync.refusals import RefusalStore
 from qbportsync.status import SyncStatus
 from qbportsync.sync import PortSync
 from tests.fakeqbittorrent import FakeQBittorrent
@@ -43,7 +45,10 @@ async def main(reactor: Any, changes: int) -> None:
         base_url=f"http://127.0.0.1:{port.getHost().port}", password=fake.password
     )
     pool = HTTPConnectionPool(reactor, persistent=True)
-    client = QBittorrentClient(reactor, makeHTTPClient(reactor, config, pool), config)
+    state = tempfile.TemporaryDirectory(prefix="qbps-bench-")
+    refusals = RefusalStore(reactor, state.name)
+    http = makeHTTPClient(reactor, config, pool)
+    client = QBittorrentClient(reactor, http, config, refusals)
     source = FakeSource()
     waiting: dict[int, Deferred[None]] = {}
 
@@ -77,6 +82,7 @@ async def main(reactor: Any, changes: int) -> None:
     await sync.stopService()
     await pool.closeCachedConnections()
     await port.stopListening()
+    state.cleanup()
     latencies.sort()
     print(f"changes applied and verified: {changes}")
     median = statistics.median(latencies)

@@ -13,9 +13,11 @@ from typing import Any, NoReturn, TextIO
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import react
-from twisted.logger import LogLevel, globalLogBeginner
+from twisted.logger import Logger, LogLevel, globalLogBeginner
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from qbportsync.config import ConfigError, loadConfig
 from qbportsync.hooks import ChangeHook
@@ -29,16 +31,19 @@ from qbportsync.interfaces import (
 from qbportsync.logs import makeLogObserver
 from qbportsync.metrics import Metrics
 from qbportsync.qbittorrent import QBittorrentError
+from qbportsync.refusals import RefusalStore, StoreError, stateDirectory
 from qbportsync.tap import (
     EXIT_CONFIG,
     EXIT_TRANSIENT,
     EXIT_UNSUPPORTED,
     Options,
-    buildService,
-    loadConfigOrExit,
+    daemonService,
     makeSink,
     makeSource,
+    refusalStore,
 )
+
+_log = Logger()
 
 
 @frozen
@@ -89,12 +94,29 @@ async def applyOnce(
     """
     try:
         forwarded = await source.fetchOnce()
-    except ConfigError as e:
-        return Outcome(EXIT_CONFIG, source.name, note=str(e))
-    except SourceUnavailable as e:
+    except (ConfigError, SourceUnavailable) as e:
+        # A gateway that cannot be found (no default route, a WireGuard
+        # link) is this host's state, whatever the strategy: code 3.
         return Outcome(EXIT_UNSUPPORTED, source.name, note=str(e))
     except SourceError as e:
         return Outcome(EXIT_TRANSIENT, source.name, note=str(e))
+    except CannotListenError as e:
+        # The one socket a source opens is the gateway's, from bind_address.
+        why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+        return Outcome(
+            EXIT_CONFIG,
+            source.name,
+            note=f"portmap.bind_address {e.interface}: cannot send from it ({why}); "
+            "it must be an address of this host, such as the VPN's",
+        )
+    if not 1 <= forwarded.port <= 65535:
+        return Outcome(
+            EXIT_TRANSIENT,
+            source.name,
+            forwarded.port,
+            note=f"{source.name} gave port {forwarded.port}, which is not a port "
+            "qBittorrent can listen on; nothing was applied",
+        )
     try:
         result = await sink.apply(forwarded.port, bindInterface)
     except QBittorrentError as e:
@@ -114,54 +136,105 @@ async def applyOnce(
     )
 
 
-async def oneShot(
-    reactor: Any, options: Options, environ: Mapping[str, str], out: TextIO
-) -> int:
-    """The C{--once} run: print one line, return the exit code."""
+@frozen
+class Plan:
+    """What the one-shot run uses, built from the configuration."""
+
+    source: IPortSource
+    sink: IPortSink
+    bindInterface: str
+    hook: ChangeHook
+
+
+def prepare(
+    reactor: Any, options: Options, environ: Mapping[str, str], uid: int
+) -> Plan | Outcome:
+    """Load the configuration and build what the one-shot run uses, or say why not."""
+    strategy = options["strategy"]
     try:
         config = loadConfig(options["config"], environ)
+        refusals = refusalStore(reactor, config, environ, uid)
+        sink = makeSink(reactor, config, refusals)
+        source = makeSource(reactor, config, strategy, Metrics.create(), sink)
     except ConfigError as e:
-        print(f"qb-port-sync: {e}", file=sys.stderr)
-        outcome = Outcome(EXIT_CONFIG, options["strategy"], note=str(e))
-    else:
-        sink = makeSink(reactor, config)
-        try:
-            source = makeSource(
-                reactor, config, options["strategy"], Metrics.create(), sink
-            )
-        except SourceUnavailable as e:
-            outcome = Outcome(EXIT_UNSUPPORTED, options["strategy"], note=str(e))
-        else:
-            hook = ChangeHook(
-                reactor,
-                config.hooks.on_change,
-                config.hooks.hook_timeout_secs,
-                Metrics.create(),
-                environ,
-            )
-            outcome = await applyOnce(
-                source,
-                sink,
-                config.net.bind_interface,
-                hook.onNewPort(source.name, config.net.bind_interface),
-            )
-            await hook.whenIdle()
-    if options["json"]:
-        print(outcome.asJSON(), file=out)
-    else:
-        print(outcome.asSentence(), file=out)
-    return outcome.code
+        return Outcome(EXIT_CONFIG, strategy, note=str(e))
+    except SourceUnavailable as e:
+        return Outcome(EXIT_UNSUPPORTED, strategy, note=str(e))
+    hook = ChangeHook(
+        reactor,
+        config.hooks.on_change,
+        config.hooks.hook_timeout_secs,
+        Metrics.create(),
+        environ,
+    )
+    return Plan(source, sink, config.net.bind_interface, hook)
 
 
-def runDaemon(
-    reactor: Any, options: Options, environ: Mapping[str, str]
-) -> Deferred[None]:
-    """Run the service until the reactor stops (SIGTERM, SIGINT)."""
-    config = loadConfigOrExit(options["config"], environ)
-    service = buildService(reactor, config, options["strategy"], environ)
-    service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    return Deferred()
+async def oneShot(
+    reactor: Any,
+    options: Options,
+    environ: Mapping[str, str],
+    uid: int,
+    *,
+    _prepare: Callable[
+        [Any, Options, Mapping[str, str], int], Plan | Outcome
+    ] = prepare,
+) -> Outcome:
+    """
+    The C{--once} run, from the configuration to the port read back, and the
+    on-change hook when the port changed.  Any error becomes the outcome,
+    unexpected ones too (exit 1, their traceback logged at debug level only).
+    """
+    try:
+        plan = _prepare(reactor, options, environ, uid)
+        if isinstance(plan, Outcome):
+            return plan
+        outcome = await applyOnce(
+            plan.source,
+            plan.sink,
+            plan.bindInterface,
+            plan.hook.onNewPort(plan.source.name, plan.bindInterface),
+        )
+        await plan.hook.whenIdle()
+        return outcome
+    except Exception:
+        failure = Failure()
+        _log.failure("The one-shot run failed", failure, level=LogLevel.debug)
+        name = failure.type.__name__ if failure.type else "error"
+        return Outcome(
+            EXIT_TRANSIENT,
+            options["strategy"],
+            note=f"unexpected {name}: {failure.getErrorMessage()} (run with "
+            "--log-level debug for the traceback)",
+        )
+
+
+def report(outcome: Outcome, asJSON: bool, stdout: TextIO, stderr: TextIO) -> None:
+    """
+    Print the outcome once: the JSON line on stdout, or a sentence, on
+    stdout for a success and on stderr for a failure.
+    """
+    if asJSON:
+        print(outcome.asJSON(), file=stdout, flush=True)
+    else:
+        print(outcome.asSentence(), file=stderr if outcome.code else stdout)
+
+
+def forgetRefusals(
+    reactor: Any, environ: Mapping[str, str], uid: int, out: TextIO
+) -> int:
+    """C{--forget-refusals}: delete the login-refusal record; the exit code."""
+    store = RefusalStore(reactor, stateDirectory(environ, uid))
+    try:
+        forgot = store.forget()
+    except StoreError as e:
+        print(f"qb-port-sync: {e}", file=out)
+        return EXIT_TRANSIENT
+    if forgot:
+        print(f"Forgot the refused logins recorded in {store.path}.", file=out)
+    else:
+        print(f"No refused logins were recorded ({store.path}).", file=out)
+    return 0
 
 
 def startLogging(level: LogLevel, stream: TextIO) -> None:
@@ -171,21 +244,56 @@ def startLogging(level: LogLevel, stream: TextIO) -> None:
     )
 
 
-async def main(reactor: Any, argv: list[str]) -> None:
-    """Parse C{argv}, run, and exit with the code the run chose."""
-    options = Options()  # type: ignore[no-untyped-call]
+async def main(
+    reactor: Any,
+    argv: list[str],
+    environ: Mapping[str, str],
+    stdout: TextIO,
+    stderr: TextIO,
+    uid: int,
+    *,
+    _startLogging: Callable[[LogLevel, TextIO], None] = startLogging,
+) -> None:
+    """
+    Parse C{argv}, run, and exit with the code the run chose.  With
+    C{--once --json}, every exit prints exactly one JSON line, usage errors
+    included.
+    """
+    options = Options(stdout)
     try:
         options.parseOptions(argv)  # type: ignore[no-untyped-call]
     except usage.UsageError as e:
-        print(f"qb-port-sync: {e}\n\n{options}", file=sys.stderr)
+        if "--once" in argv and "--json" in argv:
+            report(
+                Outcome(EXIT_CONFIG, options["strategy"], note=str(e)),
+                True,
+                stdout,
+                stderr,
+            )
+        else:
+            print(
+                f"qb-port-sync: {e}\nRun 'qb-port-sync --help' for the options.",
+                file=stderr,
+            )
         raise SystemExit(EXIT_CONFIG) from None
+    if options["forget-refusals"]:
+        code = forgetRefusals(
+            reactor, environ, uid, stderr if options["once"] else stdout
+        )
+        if code or not options["once"]:
+            raise SystemExit(code)
     if options["once"]:
-        startLogging(options.logLevel, sys.stderr)
-        raise SystemExit(await oneShot(reactor, options, os.environ, sys.stdout))
-    startLogging(options.logLevel, sys.stdout)
-    await runDaemon(reactor, options, os.environ)
+        _startLogging(options.logLevel, stderr)
+        outcome = await oneShot(reactor, options, environ, uid)
+        report(outcome, options["json"], stdout, stderr)
+        raise SystemExit(outcome.code)
+    _startLogging(options.logLevel, stdout)
+    service = daemonService(reactor, options, environ, uid, stderr)
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    await Deferred()
 
 
 def run() -> NoReturn:
     """Console-script entry point."""
-    react(main, [sys.argv[1:]])
+    react(main, [sys.argv[1:], os.environ, sys.stdout, sys.stderr, os.getuid()])

@@ -56,6 +56,8 @@ class QBittorrentConfig:
     username: str = "admin"
     password: str = field(default="", repr=False)
     api_key: str = field(default="", repr=False)
+    password_from: str = field(default="", eq=False)
+    """Where the password came from, for messages: a key, variable or file."""
     ca_file: str | None = None
     timeout_secs: float = 10.0
     verify_interval_secs: float = 30.0
@@ -489,11 +491,22 @@ class _Loader:
         caFile = section.readableFile("ca_file", self.environ)
         if caFile is not None:
             self.requireTrusted(section, "ca_file", caFile)
+        envPassword = self.environ.get(PASSWORD_ENV, "")
         return QBittorrentConfig(
             base_url=self.baseURL(section, "base_url", defaults.base_url),
             username=section.string("username", defaults.username),
-            password=(password or self.environ.get(PASSWORD_ENV, "") or filePassword),
+            password=(password or envPassword or filePassword),
             api_key=apiKey or self.environ.get(API_KEY_ENV, ""),
+            password_from=(
+                f"qbittorrent.password in {self.file}"
+                if password
+                else f"${PASSWORD_ENV}"
+                if envPassword
+                else f"qbittorrent.password_file ({passwordFile})"
+                if passwordFile
+                else f"no password set: qbittorrent.password in {self.file}, "
+                f"${PASSWORD_ENV} or qbittorrent.password_file"
+            ),
             ca_file=caFile,
             timeout_secs=section.seconds("timeout_secs", defaults.timeout_secs),
             verify_interval_secs=section.seconds(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Literal, NoReturn
 
 from cryptography import x509
@@ -31,23 +32,17 @@ from zope.interface import implementer
 
 from qbportsync.config import ConfigError, QBittorrentConfig
 from qbportsync.interfaces import ApplyResult, IPortSink
+from qbportsync.refusals import (
+    LOGIN_TRIES,
+    Credentials,
+    LoginTurn,
+    Refusal,
+    RefusalStore,
+    StoreError,
+)
 from qbportsync.urls import redact
 
 _log = Logger()
-
-FIRST_LOGIN_DELAY = 600.0
-"""Seconds to wait after the first refused login before trying again."""
-MAX_LOGIN_DELAY = 3600.0
-"""The longest wait after refused logins; also qBittorrent's default ban."""
-BAN_DELAY = 3600.0
-"""Seconds to wait once qBittorrent says our address is banned."""
-MAX_REFUSED_LOGINS = 3
-"""
-qBittorrent bans an address after 5 failed logins (MaxAuthenticationFailCount)
-and forgets them only after a good login or a ban, however slowly they come:
-so after this many refusals in a row we stop trying until restarted, leaving
-room for a person's typos in the browser.
-"""
 
 RELISTEN_PAUSE_SECS = 0.5
 """Between changing a setting and putting it back (measured to work on 4.5.2)."""
@@ -60,13 +55,22 @@ class QBittorrentError(Exception):
 
 
 class LoginRefused(QBittorrentError):
-    """qBittorrent refused our credentials (or API key), or banned us."""
+    """
+    qBittorrent refused our credentials (or API key), or banned us; or the
+    login-refusal record says not to try now.
+    """
 
-    def __init__(self, message: str, reason: RefusalReason, retryAt: float) -> None:
+    def __init__(
+        self, message: str, reason: RefusalReason, retryAt: float, new: bool = True
+    ) -> None:
         super().__init__(message)
         self.reason: RefusalReason = reason
         self.retryAt = retryAt
-        """C{reactor.seconds()} before which no login will be attempted."""
+        """C{reactor.seconds()} before which no login will be attempted;
+        C{inf} until the credentials change."""
+        self.new = new
+        """False when this client already raised this very refusal: the
+        daemon logs only new ones."""
 
 
 def makeHTTPClient(
@@ -118,7 +122,11 @@ class QBittorrentClient:
     """Sets and reads qBittorrent's listening port through its Web API."""
 
     def __init__(
-        self, reactor: IReactorTime, http: HTTPClient, config: QBittorrentConfig
+        self,
+        reactor: IReactorTime,
+        http: HTTPClient,
+        config: QBittorrentConfig,
+        refusals: RefusalStore,
     ) -> None:
         self._reactor = reactor
         self._http = http
@@ -137,10 +145,13 @@ class QBittorrentClient:
         }
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
+        self._refusals = refusals
+        self._credentials = Credentials(
+            _origin(url), config.username, config.api_key or config.password
+        )
         self._loginLock = defer.DeferredLock()
         self._loggedIn = False
-        self._refusals = 0
-        self._refused: LoginRefused | None = None
+        self._lastRefusal: Refusal | None = None
         self._apiKeyRejected = False
 
     def __repr__(self) -> str:
@@ -255,7 +266,8 @@ class QBittorrentClient:
                 previous=previous,
             )
         else:
-            _log.warn(
+            # The caller reports it (the daemon retries, the one-shot fails).
+            _log.debug(
                 "qBittorrent at {url} did not keep port {port}: it reports "
                 "listen_port {actual}, random_port {randomPort}",
                 url=self._baseURL,
@@ -323,17 +335,13 @@ class QBittorrentClient:
         return body
 
     def _apiKeyRefused(self, url: str, code: int) -> LoginRefused:
-        now = self._reactor.seconds()
-        if not self._apiKeyRejected:
-            self._apiKeyRejected = True
-            _log.error(
-                "qBittorrent at {url} rejected the API key (HTTP {code}); "
-                "check [qbittorrent] api_key (API keys need qBittorrent 5.2+)",
-                url=self._baseURL,
-                code=code,
-            )
+        new, self._apiKeyRejected = not self._apiKeyRejected, True
         return LoginRefused(
-            f"{url} rejected the API key (HTTP {code})", "credentials", now
+            f"{url} rejected the API key (HTTP {code}): check qbittorrent.api_key "
+            "(API keys need qBittorrent 5.2+)",
+            "credentials",
+            self._reactor.seconds(),
+            new,
         )
 
     async def _ensureLoggedIn(self) -> None:
@@ -346,20 +354,32 @@ class QBittorrentClient:
     async def _loginIfNeeded(self) -> None:
         if self._loggedIn:
             return
-        now = self._reactor.seconds()
-        if self._refused is not None and now < self._refused.retryAt:
-            refused = self._refused
-            raise LoginRefused(str(refused), refused.reason, refused.retryAt)
+        try:
+            turn = await self._refusals.begin(self._credentials)
+        except StoreError as e:
+            raise QBittorrentError(str(e)) from e
+        try:
+            if turn.refusal is not None:
+                raise self._refused(turn.refusal, turn.path, sent=False)
+            await self._login(turn)
+        finally:
+            turn.release()
+
+    async def _login(self, turn: LoginTurn) -> None:
+        """Send one login, the record locked, and record how it went."""
         url = self._endpoint("auth/login")
         form = {"username": self._config.username, "password": self._config.password}
         code, body = await self._send("POST", url, form)
         if (code == 200 and body.strip() == b"Ok.") or code == 204:
             self._loggedIn = True
-            self._refusals = 0
-            self._refused = None
+            self._lastRefusal = None
+            try:
+                turn.succeeded()
+            except StoreError as e:
+                _log.warn("{why}", why=str(e))
             _log.info("Logged in to qBittorrent at {url}", url=self._baseURL)
         elif code == 200 and body.strip() == b"Fails.":
-            raise self._refuse(url, "credentials", now)
+            raise self._refused(self._record(turn.refused), turn.path, sent=True)
         elif code == 401:
             # 5.2 answers 401 both to a wrong password and to a failed CSRF or
             # Host check; a private endpoint tells them apart, and asking it
@@ -367,9 +387,9 @@ class QBittorrentClient:
             probe, _ = await self._send("GET", self._endpoint("app/version"), None)
             if probe == 401:
                 raise QBittorrentError(_unauthorized(url))
-            raise self._refuse(url, "credentials", now)
+            raise self._refused(self._record(turn.refused), turn.path, sent=True)
         elif code == 403:
-            raise self._refuse(url, "banned", now)
+            raise self._refused(self._record(turn.banned), turn.path, sent=True)
         elif code == 200:
             raise QBittorrentError(
                 f"{url} answered 200 but neither 'Ok.' nor 'Fails.': "
@@ -378,44 +398,66 @@ class QBittorrentClient:
         else:
             raise QBittorrentError(_unexpected(url, code))
 
-    def _refuse(self, url: str, reason: RefusalReason, now: float) -> LoginRefused:
-        if reason == "banned":
-            # A ban ends with qBittorrent's count of failures reset.
-            self._refusals = 0
-            retryAt = now + BAN_DELAY
-            why = (
-                "qBittorrent has banned this address after too many failed "
-                "logins (its WebUI ban lasts 1 hour by default)"
+    def _record(self, outcome: Callable[[], Refusal]) -> Refusal:
+        try:
+            return outcome()
+        except StoreError as e:
+            # Unrecorded, a refusal could be repeated by the next run: this
+            # process at least sends no more logins.
+            _log.error("{why}", why=str(e))
+            now = self._reactor.seconds()
+            return Refusal(LOGIN_TRIES, now, 0.0, math.inf)
+
+    def _refused(self, refusal: Refusal, path: str, sent: bool) -> LoginRefused:
+        """The refusal to raise, saying what to fix and how to retry now."""
+        new = refusal != self._lastRefusal
+        self._lastRefusal = refusal
+        base = self._baseURL
+        if refusal.bannedUntil:
+            until = _clock(refusal.bannedUntil)
+            head = (
+                f"qBittorrent at {base} has banned this address after too many "
+                "failed logins"
+                if sent
+                else f"not logging in to qBittorrent at {base}: it banned this "
+                f"address (recorded in {path})"
+            )
+            return LoginRefused(
+                f"{head}; no login until {until} (its WebUI ban lasts 1 hour by "
+                "default, WebUI\\BanDuration)",
+                "banned",
+                refusal.retryAt,
+                new,
+            )
+        fix = (
+            f"check qbittorrent.username ({self._config.username!r}) and the "
+            f"password ({self._config.password_from or 'qbittorrent.password'}): "
+            "new credentials are tried at once"
+        )
+        if sent:
+            head = (
+                f"qBittorrent at {base} refused the login: wrong username or password"
             )
         else:
-            self._refusals += 1
-            why = "wrong username or password"
-            if self._refusals >= MAX_REFUSED_LOGINS:
-                retryAt = math.inf
-            else:
-                delay = FIRST_LOGIN_DELAY * 2 ** (self._refusals - 1)
-                retryAt = now + min(delay, MAX_LOGIN_DELAY)
-        if retryAt == math.inf:
-            when = (
-                f"refused {self._refusals} times in a row, so no more tries, to "
-                "keep qBittorrent from banning this address: fix the password "
-                "and restart qb-port-sync"
+            head = (
+                f"not logging in to qBittorrent at {base}: it refused these "
+                f"credentials {refusal.refusals} time(s), the last at "
+                f"{_clock(refusal.lastRefusal)} (recorded in {path})"
+            )
+        if refusal.retryAt == math.inf:
+            then = (
+                "no more tries with them, so that qBittorrent does not ban this "
+                f"address; {fix}; if they were right after all, run "
+                f"'qb-port-sync --forget-refusals' (or delete {path}) to try "
+                "them again"
             )
         else:
-            at = time.strftime("%H:%M:%S", time.localtime(retryAt))
-            when = f"not trying again for {retryAt - now:.0f} s (until {at})"
-        _log.error(
-            "qBittorrent at {url} refused the login: {why}; {when}",
-            url=self._baseURL,
-            why=why,
-            when=when,
-            reason=reason,
-            retryAt=retryAt,
-        )
-        self._refused = LoginRefused(
-            f"{url} refused the login: {why}; {when}", reason, retryAt
-        )
-        return self._refused
+            then = (
+                f"one more try with them after {_clock(refusal.retryAt)}; {fix}, "
+                f"or run 'qb-port-sync --forget-refusals' (or delete {path}) "
+                "to try them again now"
+            )
+        return LoginRefused(f"{head}; {then}", "credentials", refusal.retryAt, new)
 
     async def _send(
         self, method: str, url: str, data: dict[str, str] | None
@@ -450,6 +492,10 @@ class QBittorrentClient:
             raise
         except Exception as e:
             raise QBittorrentError(f"{url}: {_describe(e)}") from e
+
+
+def _clock(when: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(when))
 
 
 def _describe(e: Exception) -> str:

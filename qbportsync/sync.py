@@ -377,6 +377,8 @@ class PortSync(Service):
         if failure.check(LoginRefused):
             refused = failure.value
             assert isinstance(refused, LoginRefused)
+            if refused.new:
+                _log.error("{why}", why=str(refused), reason=refused.reason)
             self._recordError(str(refused), "auth")
             if refused.retryAt == math.inf:
                 self._gaveUp = True

@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from treq.client import HTTPClient
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 from twisted.python.filepath import FilePath
@@ -31,6 +32,7 @@ from qbportsync.listener import ListenerHealer
 from qbportsync.metrics import Metrics
 from qbportsync.netevents import networkEvents
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
+from qbportsync.refusals import RefusalStore, stateDirectory
 from qbportsync.sdnotify import SystemdNotifier
 from qbportsync.sources.auto import autoSource
 from qbportsync.sources.gatewaysource import NATPMPSource, PCPSource
@@ -53,7 +55,11 @@ READY_GRACE_SECS = 10.0
 class Options(usage.Options):
     """Options of the daemon and of the one-shot run."""
 
-    synopsis = "[--config PATH] [--strategy NAME] [--once [--json]]"
+    synopsis = (
+        "Usage: qb-port-sync [--config PATH] [--strategy NAME] [--once [--json]] "
+        "[--forget-refusals]\n"
+        "       twistd [twistd options] qbportsync [--config PATH] [--strategy NAME]"
+    )
     longdesc = (
         "Keep qBittorrent listening on the port that the VPN forwards to this "
         "host, learnt from the VPN client's port file or from the gateway."
@@ -86,6 +92,12 @@ class Options(usage.Options):
     optFlags = [
         ["once", None, "Apply the forwarded port once and exit (qb-port-sync only)."],
         ["json", None, "With --once: print the outcome as one JSON line."],
+        [
+            "forget-refusals",
+            None,
+            "Forget the logins qBittorrent refused, so that the next run tries "
+            "the same credentials again (qb-port-sync only).",
+        ],
     ]
 
     def opt_strategy(self, value: str) -> None:
@@ -111,10 +123,19 @@ class Options(usage.Options):
 
     opt_l = opt_log_level
 
+    def __init__(self, stdout: TextIO | None = None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._stdout = stdout
+
+    def opt_help(self) -> NoReturn:
+        """Display this help and exit."""
+        print(self, file=self._stdout or sys.stdout)
+        raise SystemExit(0)
+
     def opt_version(self) -> NoReturn:
         """Print the version and exit."""
-        print(f"qbportsync {__version__.short()}")
-        sys.exit(0)
+        print(f"qbportsync {__version__.short()}", file=self._stdout or sys.stdout)
+        raise SystemExit(0)
 
     opt_V = opt_version
 
@@ -130,13 +151,19 @@ class Options(usage.Options):
         return level
 
 
-def loadConfigOrExit(path: str | None, environ: Mapping[str, str]) -> Config:
-    """Load the configuration, or say what is wrong and exit with code 2."""
-    try:
-        return loadConfig(path, environ)
-    except ConfigError as e:
-        print(f"qbportsync: {e}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
+def refusalStore(
+    reactor: Any, config: Config, environ: Mapping[str, str], uid: int
+) -> RefusalStore:
+    """
+    The login-refusal record shared by every run for this user (or
+    service): it waits for another run's login at most as long as that
+    login may take.
+    """
+    return RefusalStore(
+        reactor,
+        stateDirectory(environ, uid),
+        lockTimeout=config.qbittorrent.timeout_secs + 5.0,
+    )
 
 
 def inotifyFactory(reactor: Any) -> NotifierFactory | None:
@@ -214,11 +241,17 @@ def makeSource(
 
 
 def makeSink(
-    reactor: Any, config: Config, pool: HTTPConnectionPool | None = None
+    reactor: Any,
+    config: Config,
+    refusals: RefusalStore,
+    pool: HTTPConnectionPool | None = None,
 ) -> QBittorrentClient:
-    """The qBittorrent Web API client, with one HTTP session for its life."""
+    """
+    The qBittorrent Web API client, with one HTTP session for its life.
+    Raises L{ConfigError} when C{ca_file} holds no certificate.
+    """
     http = makeHTTPClient(reactor, config.qbittorrent, pool)
-    return QBittorrentClient(reactor, http, config.qbittorrent)
+    return QBittorrentClient(reactor, http, config.qbittorrent, refusals)
 
 
 class ConnectionPoolService(Service):
@@ -233,26 +266,58 @@ class ConnectionPoolService(Service):
         return closed
 
 
+class ReadinessService(Service):
+    """
+    Tells systemd the daemon is ready once the first update of qBittorrent
+    was tried, or after L{READY_GRACE_SECS} if that takes longer.
+    """
+
+    def __init__(
+        self, reactor: IReactorTime, sync: PortSync, notifier: SystemdNotifier
+    ) -> None:
+        self._reactor = reactor
+        self._sync = sync
+        self._notifier = notifier
+        self._ready: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        ready = self._ready = self._sync.whenFirstAttempted()
+        ready.addTimeout(READY_GRACE_SECS, self._reactor, onTimeoutCancel=_ignore)
+        ready.addCallback(lambda _: self._notifier.ready())
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._ready is not None:
+            self._ready.cancel()
+            self._ready = None
+
+
+def _ignore(result: object, timeout: float) -> None:
+    return None
+
+
 def buildService(
-    reactor: Any, config: Config, strategy: str, environ: Mapping[str, str]
+    reactor: Any,
+    config: Config,
+    strategy: str,
+    environ: Mapping[str, str],
+    refusals: RefusalStore,
 ) -> IService:
     """
     Everything the daemon runs, as one service, from a loaded configuration:
     PortSync, the metrics and health endpoints, systemd notification, and
-    the host's network changes for the parts that follow them.
-    Exits with code 2 when a web port cannot be opened, 3 when the strategy
-    cannot work here.
+    the host's network changes for the parts that follow them.  Nothing
+    listens before the service starts.  Raises L{SourceUnavailable} when the
+    strategy cannot work here, L{ConfigError} for a configuration that only
+    fails once used (a C{ca_file} that is not PEM).
     """
     metrics = Metrics.create()
     # Kept-alive connections halve the time of an update (benchmarks/).
     pool = HTTPConnectionPool(reactor, persistent=True)
-    sink = makeSink(reactor, config, pool)
+    sink = makeSink(reactor, config, refusals, pool)
     events = networkEvents(reactor)
-    try:
-        source = makeSource(reactor, config, strategy, metrics, sink, pool, events)
-    except SourceUnavailable as e:
-        print(f"qbportsync: {e}", file=sys.stderr)
-        raise SystemExit(EXIT_UNSUPPORTED) from None
+    source = makeSource(reactor, config, strategy, metrics, sink, pool, events)
     notifier = SystemdNotifier(reactor, environ)
     hook = ChangeHook(
         reactor,
@@ -280,29 +345,61 @@ def buildService(
         networkEvents=events,
     )
     web = makeWebService(reactor, reactor, config, lambda: sync.status, metrics)
-    try:
-        web.listen()
-    except ListenError as e:
-        print(f"qbportsync: {e}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
-    ready = sync.whenFirstAttempted()
-    ready.addTimeout(READY_GRACE_SECS, reactor, onTimeoutCancel=lambda *a: None)
-    ready.addCallback(lambda _: notifier.ready())
     top = MultiService()
+    ready = ReadinessService(reactor, sync, notifier)
     # Stopped in reverse order: STOPPING=1 first, connections last.
     ConnectionPoolService(pool).setServiceParent(top)  # type: ignore[no-untyped-call]
     if events is not None:
         events.setServiceParent(top)  # type: ignore[no-untyped-call]
-    for service in (sync, web, notifier):
+    for service in (sync, web, notifier, ready):
         service.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
+
+
+def daemonService(
+    reactor: Any,
+    options: Options,
+    environ: Mapping[str, str],
+    uid: int,
+    stderr: TextIO,
+) -> IService:
+    """
+    The daemon's service tree with its web ports open, so that a port in use
+    is found before the reactor runs; on any start-up error, say what is
+    wrong on C{stderr} and exit with the reference's code (2 for the
+    configuration, 3 when the strategy cannot work here).
+    """
+    try:
+        config = loadConfig(options["config"], environ)
+        service = buildService(
+            reactor,
+            config,
+            options["strategy"],
+            environ,
+            refusalStore(reactor, config, environ, uid),
+        )
+        # twistd calls this again after makeService; it opens only the
+        # ports not yet open.
+        service.privilegedStartService()
+    except (ConfigError, ListenError) as e:
+        print(f"qb-port-sync: {e}", file=stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    except SourceUnavailable as e:
+        print(f"qb-port-sync: {e}", file=stderr)
+        raise SystemExit(EXIT_UNSUPPORTED) from None
+    return service
 
 
 def makeService(options: Options) -> IService:
     """The twistd entry point: the daemon's service tree."""
     from twisted.internet import reactor
 
-    if options["once"]:
-        raise usage.UsageError("--once runs from the qb-port-sync command, not twistd")
-    config = loadConfigOrExit(options["config"], os.environ)
-    return buildService(reactor, config, options["strategy"], os.environ)
+    for flag in ("once", "forget-refusals"):
+        if options[flag]:
+            print(
+                f"twistd qbportsync: --{flag} runs from the qb-port-sync "
+                "command, not from twistd",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_CONFIG)
+    return daemonService(reactor, options, os.environ, os.getuid(), sys.stderr)

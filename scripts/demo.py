@@ -47,7 +47,11 @@ class Daemon:
         command = [str(Path(sys.executable).parent / "qb-port-sync")]
         argv = [*command, "--config", str(config), "--strategy", "file"]
         print("   $ " + " ".join(argv))
-        env = dict(os.environ, QB_PORT_SYNC_QB_PASSWORD=password)
+        env = dict(
+            os.environ,
+            QB_PORT_SYNC_QB_PASSWORD=password,
+            STATE_DIRECTORY=str(config.parent / "state"),
+        )
         self.logPath = logPath
         self._seen = 0
         with open(logPath, "wb") as log:

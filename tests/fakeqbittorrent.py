@@ -5,7 +5,7 @@ Serve it with C{treq.testing.StubTreq(fake.resource())}, or take
 C{fake.httpClient()}, which is exactly that, typed as an C{HTTPClient}::
 
     fake = FakeQBittorrent("5.2", password="secret")
-    client = QBittorrentClient(Clock(), fake.httpClient(), config)
+    client = QBittorrentClient(Clock(), fake.httpClient(), config, refusals)
 
 What it emulates (see FACTS.md, "qBittorrent Web API v2"):
 

@@ -78,6 +78,7 @@ def _drive(strategy: str, configPath: str, randomValue: str | None) -> None:
     from qbportsync.config import loadConfig
     from qbportsync.interfaces import Forwarded
     from qbportsync.metrics import Metrics
+    from qbportsync.refusals import RefusalStore
     from qbportsync.sources.gatewaysource import NATPMPSource, PCPSource
     from qbportsync.tap import makeSink
 
@@ -92,7 +93,9 @@ def _drive(strategy: str, configPath: str, randomValue: str | None) -> None:
 
     async def main(reactor: Any) -> None:
         config = loadConfig(configPath, os.environ)
-        sink = makeSink(reactor, config)
+        # The rig's own directory, never the host's /var/lib/qb-port-sync.
+        state = os.path.join(os.path.dirname(os.path.abspath(configPath)), "state")
+        sink = makeSink(reactor, config, RefusalStore(reactor, state))
         metrics = Metrics.create()
         drawn: list[float] = []
 

@@ -526,6 +526,8 @@ class GatewayRig(Rig):
             self.command(self.client, argv),
             check=False,
             cwd=PROJECT,
+            # The rig's own login-refusal record, never the host's.
+            env=dict(os.environ, STATE_DIRECTORY=str(self.directory / "state")),
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -1,20 +1,28 @@
-"""Tests for L{qbportsync.cli}: the one-shot run and its exit codes."""
+"""
+Tests for L{qbportsync.cli}: the one-shot run, its exit codes and its one
+line of output, on every way out.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+from collections.abc import Mapping
+from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import Clock
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from qbportsync.cli import Outcome, applyOnce, main, oneShot
+from qbportsync.cli import Outcome, Plan, applyOnce, main, oneShot
 from qbportsync.config import ConfigError
 from qbportsync.interfaces import Forwarded, SourceError, SourceUnavailable
 from qbportsync.qbittorrent import LoginRefused, QBittorrentError
+from qbportsync.refusals import RECORD_NAME
 from qbportsync.tap import Options
 
 from .fakes import FakeSink, FakeSource
@@ -60,12 +68,35 @@ class ApplyOnceTests(SynchronousTestCase):
         )
         self.assertEqual((outcome.code, outcome.note), (3, "no VPN client"))
 
-    def test_gatewayConfigError(self) -> None:
-        """A gateway that cannot be found from the routes is exit 2, with the fix."""
-        source = FakeSource(once=ConfigError('no gateway: set gateway = "10.2.0.1"'))
-        outcome = self.run_(source, FakeSink())
+    def test_noGatewaySameCodeForEveryStrategy(self) -> None:
+        """
+        No gateway to be found from the routes is exit 3 with the fix,
+        whether natpmp, pcp or auto asked.
+        """
+        for name, error in [
+            ("natpmp", ConfigError('no default route; set gateway = "10.2.0.1"')),
+            ("pcp", ConfigError('no default route; set gateway = "10.2.0.1"')),
+            ("pcp", SourceUnavailable('no default route; gateway = "10.2.0.1"')),
+        ]:
+            outcome = self.run_(FakeSource(name=name, once=error), FakeSink())
+            self.assertEqual((outcome.strategy, outcome.code), (name, 3))
+            self.assertIn("10.2.0.1", outcome.note)
+
+    def test_bindAddressNotHere(self) -> None:
+        """A bind_address this host does not have: exit 2, naming the key."""
+        error = CannotListenError("192.0.2.77", 0, OSError(99, "Cannot assign"))
+        outcome = self.run_(FakeSource(name="natpmp", once=error), FakeSink())
         self.assertEqual(outcome.code, 2)
-        self.assertIn("10.2.0.1", outcome.note)
+        self.assertIn("portmap.bind_address 192.0.2.77", outcome.note)
+        self.assertIn("Cannot assign", outcome.note)
+
+    def test_portZero(self) -> None:
+        """A gateway granting port 0: exit 1, and qBittorrent is not asked."""
+        sink = FakeSink()
+        outcome = self.run_(FakeSource("natpmp", once=Forwarded(0, "natpmp")), sink)
+        self.assertEqual((outcome.code, outcome.detected_port), (1, 0))
+        self.assertIn("port 0", outcome.note)
+        self.assertEqual(sink.applies, [])
 
     def test_transientSource(self) -> None:
         """A source failing this time gives exit 1."""
@@ -129,22 +160,31 @@ class OutcomeTests(SynchronousTestCase):
 
 
 class OneShotTests(SynchronousTestCase):
-    def once(self, *argv: str) -> tuple[int, str]:
+    def once(self, *argv: str) -> Outcome:
         options = Options()
         options.parseOptions(["--once", "--json", *argv])
-        out = io.StringIO()
-        code = self.successResultOf(
-            ensureDeferred(oneShot(MemoryReactorClock(), options, {}, out))
+        environ = {"STATE_DIRECTORY": self.mktemp()}
+        return self.successResultOf(
+            ensureDeferred(oneShot(MemoryReactorClock(), options, environ, 1000))
         )
-        return code, out.getvalue()
 
     def test_configError(self) -> None:
-        """A broken configuration: exit 2, and the JSON note names the key."""
+        """A broken configuration: exit 2, and the note names the key."""
         path = FilePath(self.mktemp())
         path.setContent(b"[qbittorrent]\ntimeout_secs = 'ten'\n")
-        code, out = self.once("--config", path.path)
-        self.assertEqual(code, 2)
-        self.assertIn("qbittorrent.timeout_secs", json.loads(out)["note"])
+        outcome = self.once("--config", path.path)
+        self.assertEqual(outcome.code, 2)
+        self.assertIn("qbittorrent.timeout_secs", outcome.note)
+
+    def test_caFileNotPEM(self) -> None:
+        """A ca_file that is not PEM: exit 2, naming the file."""
+        notPEM = FilePath(self.mktemp())
+        notPEM.setContent(b"hello\n")
+        path = FilePath(self.mktemp())
+        path.setContent(f'[qbittorrent]\nca_file = "{notPEM.path}"\n'.encode())
+        outcome = self.once("--config", path.path)
+        self.assertEqual(outcome.code, 2)
+        self.assertIn(notPEM.path, outcome.note)
 
     def test_autoWithNothingAvailable(self) -> None:
         """auto with no port file and no gateway to ask: exit 3, saying why."""
@@ -154,10 +194,9 @@ class OneShotTests(SynchronousTestCase):
             f'[protonvpn]\nforwarded_port_path = "{missing.path}"\n'
             "[portmap]\nautodiscover_gateway = false\n".encode()
         )
-        code, out = self.once("--config", path.path, "--strategy", "auto")
-        self.assertEqual(code, 3)
-        self.assertEqual(json.loads(out)["detected_port"], None)
-        self.assertTrue(json.loads(out)["note"])
+        outcome = self.once("--config", path.path, "--strategy", "auto")
+        self.assertEqual((outcome.code, outcome.detected_port), (3, None))
+        self.assertTrue(outcome.note)
 
     def test_noPortFile(self) -> None:
         """The file strategy with no VPN directory: exit 3."""
@@ -166,14 +205,148 @@ class OneShotTests(SynchronousTestCase):
         path.setContent(
             f'[protonvpn]\nforwarded_port_path = "{missing.path}"\n'.encode()
         )
-        code, out = self.once("--config", path.path, "--strategy", "file")
-        self.assertEqual(code, 3)
-        self.assertEqual(json.loads(out)["detected_port"], None)
+        outcome = self.once("--config", path.path, "--strategy", "file")
+        self.assertEqual((outcome.code, outcome.detected_port), (3, None))
+
+    def test_unexpectedError(self) -> None:
+        """
+        Anything unexpected: exit 1, the error in one line, the traceback
+        only at debug level.
+        """
+
+        def broken(*args: object) -> Plan | Outcome:
+            raise ZeroDivisionError("oops")
+
+        options = Options()
+        options.parseOptions(["--once", "--json", "--strategy", "pcp"])
+        with capturedLogs() as events:
+            outcome = self.successResultOf(
+                ensureDeferred(
+                    oneShot(MemoryReactorClock(), options, {}, 0, _prepare=broken)
+                )
+            )
+        self.assertEqual((outcome.code, outcome.strategy), (1, "pcp"))
+        self.assertIn("ZeroDivisionError: oops", outcome.note)
+        self.assertNotIn("\n", outcome.note)
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.debug])
+        self.assertIn("log_failure", events[0])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
 class MainTests(SynchronousTestCase):
-    def test_usageErrorExits2(self) -> None:
-        """A bad command line exits with code 2."""
-        d: Deferred[None] = ensureDeferred(main(Clock(), ["--strategy", "upnp"]))
-        failure = self.failureResultOf(d, SystemExit)
-        self.assertEqual(failure.value.code, 2)
+    """The command as a user runs it: exit code and exactly what it prints."""
+
+    def setUp(self) -> None:
+        self.state = self.mktemp()
+        self.environ: dict[str, str] = {"STATE_DIRECTORY": self.state}
+
+    def main(
+        self, *argv: str, environ: Mapping[str, str] | None = None
+    ) -> tuple[int | str | None, str, str]:
+        """Run the command; its exit code, its stdout and its stderr."""
+        stdout, stderr = io.StringIO(), io.StringIO()
+        levels: list[LogLevel] = []
+        d = ensureDeferred(
+            main(
+                MemoryReactorClock(),
+                list(argv),
+                self.environ if environ is None else environ,
+                stdout,
+                stderr,
+                1000,
+                _startLogging=lambda level, stream: levels.append(level),
+            )
+        )
+        code = self.failureResultOf(d, SystemExit).value.code
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    def config(self, text: str) -> str:
+        path = FilePath(self.mktemp())
+        path.setContent(text.encode())
+        return path.path
+
+    def jsonLine(self, stdout: str) -> dict[str, Any]:
+        lines = stdout.splitlines()
+        self.assertEqual(len(lines), 1, stdout)
+        result: dict[str, Any] = json.loads(lines[0])
+        self.assertEqual(list(result), KEYS)
+        return result
+
+    def test_usageError(self) -> None:
+        """A bad command line exits 2, saying what is wrong on stderr only."""
+        code, out, err = self.main("--strategy", "upnp")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("--strategy must be one of", err)
+        self.assertEqual(err.count("--strategy must be one of"), 1)
+
+    def test_usageErrorJSON(self) -> None:
+        """With --once --json even a bad command line gives one JSON line."""
+        code, out, err = self.main("--once", "--json", "--strategy", "upnp")
+        self.assertEqual((code, err), (2, ""))
+        self.assertIn("--strategy", self.jsonLine(out)["note"])
+
+    def test_configErrorJSON(self) -> None:
+        """A config error with --json: one JSON line, code 2, nothing else."""
+        path = self.config("[qbittorrent]\ntimeout_secs = 'ten'\n")
+        code, out, err = self.main("--once", "--json", "--config", path)
+        self.assertEqual((code, err), (2, ""))
+        result = self.jsonLine(out)
+        self.assertIn("qbittorrent.timeout_secs", result["note"])
+        self.assertEqual(
+            (result["detected_port"], result["applied"], result["verified"]),
+            (None, False, False),
+        )
+
+    def test_configErrorOnce(self) -> None:
+        """A config error without --json is said once, on stderr."""
+        path = self.config("[qbittorrent]\ntimeout_secs = 'ten'\n")
+        code, out, err = self.main("--once", "--config", path)
+        self.assertEqual((code, out), (2, ""))
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("qbittorrent.timeout_secs", err)
+
+    def test_unsupportedJSON(self) -> None:
+        """The file strategy with no VPN directory: code 3, one JSON line."""
+        missing = FilePath(self.mktemp()).child("forwarded_port")
+        path = self.config(f'[protonvpn]\nforwarded_port_path = "{missing.path}"\n')
+        code, out, _ = self.main("--once", "--json", "-s", "file", "--config", path)
+        self.assertEqual(code, 3)
+        self.assertEqual(self.jsonLine(out)["strategy"], "file")
+
+    def test_help(self) -> None:
+        """--help prints the usage, starting 'Usage: qb-port-sync', and exits 0."""
+        code, out, err = self.main("--help")
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(out.startswith("Usage: qb-port-sync "), out)
+        self.assertIn("--forget-refusals", out)
+
+    def test_forgetRefusals(self) -> None:
+        """--forget-refusals deletes the record, says so, and exits 0."""
+        os.makedirs(self.state)
+        record = os.path.join(self.state, RECORD_NAME)
+        with open(record, "w") as f:
+            f.write("{}")
+        code, out, err = self.main("--forget-refusals")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(f"Forgot the refused logins recorded in {record}", out)
+        self.assertFalse(os.path.exists(record))
+        code, out, _ = self.main("--forget-refusals")
+        self.assertEqual(code, 0)
+        self.assertIn("No refused logins were recorded", out)
+
+    def test_forgetThenOnce(self) -> None:
+        """--forget-refusals with --once --json keeps stdout to the JSON line."""
+        path = self.config("[qbittorrent]\ntimeout_secs = 'ten'\n")
+        code, out, err = self.main(
+            "--forget-refusals", "--once", "--json", "--config", path
+        )
+        self.assertEqual(code, 2)
+        self.jsonLine(out)
+        self.assertIn("No refused logins were recorded", err)
+
+    def test_stateDirectoryFromEnvironment(self) -> None:
+        """Without STATE_DIRECTORY a user's record is under XDG_STATE_HOME."""
+        xdg = os.path.abspath(self.mktemp())
+        code, out, _ = self.main("--forget-refusals", environ={"XDG_STATE_HOME": xdg})
+        self.assertEqual(code, 0)
+        self.assertIn(os.path.join(xdg, "qb-port-sync", RECORD_NAME), out)

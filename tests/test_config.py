@@ -608,6 +608,7 @@ class PasswordTests(ConfigTestCase):
             {"QB_PORT_SYNC_QB_PASSWORD": "from-env"},
         )
         self.assertEqual(config.qbittorrent.password, "from-config")
+        self.assertIn("qbittorrent.password in ", config.qbittorrent.password_from)
 
     def test_environmentNext(self) -> None:
         """QB_PORT_SYNC_QB_PASSWORD beats password_file."""
@@ -617,6 +618,7 @@ class PasswordTests(ConfigTestCase):
             {"QB_PORT_SYNC_QB_PASSWORD": "from-env"},
         )
         self.assertEqual(config.qbittorrent.password, "from-env")
+        self.assertEqual(config.qbittorrent.password_from, "$QB_PORT_SYNC_QB_PASSWORD")
 
     def test_environmentWithoutFile(self) -> None:
         """The environment variable works even when no config file exists."""
@@ -640,10 +642,16 @@ class PasswordTests(ConfigTestCase):
                 {"QB_PORT_SYNC_QB_PASSWORD": ""},
             )
             self.assertEqual(config.qbittorrent.password, expected)
+            self.assertEqual(
+                config.qbittorrent.password_from,
+                f"qbittorrent.password_file ({pwFile})",
+            )
 
     def test_noPassword(self) -> None:
-        """With no source at all the password is empty."""
-        self.assertEqual(self.load("").qbittorrent.password, "")
+        """With no source at all the password is empty, and that is said."""
+        qbittorrent = self.load("").qbittorrent
+        self.assertEqual(qbittorrent.password, "")
+        self.assertIn("no password set", qbittorrent.password_from)
 
     def test_apiKeyPrecedence(self) -> None:
         """api_key in the file beats QB_PORT_SYNC_QB_API_KEY, which is the fallback."""

@@ -107,6 +107,8 @@ class DaemonTestCase(SynchronousTestCase):
             [packageRoot, *filter(None, [env.get("PYTHONPATH")])]
         )
         env["PYTHONUNBUFFERED"] = "1"
+        # The test's own login-refusal record, never the host's.
+        env["STATE_DIRECTORY"] = str(self.directory / "state")
         env[PASSWORD_ENV] = self.rig.password if password is None else password
         return env
 

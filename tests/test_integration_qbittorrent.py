@@ -1,17 +1,26 @@
 """
 L{qbportsync.qbittorrent.QBittorrentClient} against a real qbittorrent-nox
-(the Debian package) in a network namespace, with the real reactor and treq.
+(the Debian package) in a network namespace, with the real reactor and treq;
+and the one-shot command's login-refusal record, across processes.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any, ClassVar
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+import qbportsync
 from qbportsync.config import QBittorrentConfig
 from qbportsync.interfaces import ApplyResult
 from qbportsync.qbittorrent import LoginRefused, QBittorrentClient, makeHTTPClient
+from qbportsync.refusals import RECORD_NAME, RETRY_AFTER_REFUSAL, RefusalStore
 from tests.rig import QBittorrentRig, requireQBittorrent, waitFor
 
 
@@ -34,7 +43,12 @@ class ClientTestCase(TestCase):
             username=self.rig.username,
             password=self.rig.password if password is None else password,
         )
-        return QBittorrentClient(reactor, makeHTTPClient(reactor, config), config)
+        return QBittorrentClient(
+            reactor,
+            makeHTTPClient(reactor, config),
+            config,
+            RefusalStore(reactor, self.mktemp()),
+        )
 
     def logins(self) -> int:
         """Successful logins from the client's address, in every run's log."""
@@ -46,7 +60,6 @@ class ClientTestCase(TestCase):
         waitFor(
             lambda: self.rig.listeningPorts() == {port},
             f"libtorrent to listen on {port} only",
-            timeout=5,
         )
 
 
@@ -114,7 +127,6 @@ class ApplyTests(ClientTestCase):
                 == {(address, 41237)}
             ),
             f"libtorrent to listen on {address}:41237 only",
-            timeout=5,
         )
 
     async def test_unknownInterface(self) -> None:
@@ -188,6 +200,106 @@ class BannedTests(ClientTestCase):
             await self.client().apply(41400)
         self.assertEqual(caught.exception.reason, "banned")
         self.assertTrue(self.rig.isBanned(self.rig.namespace.clientAddress))
+
+
+class OneShotRefusalTests(SynchronousTestCase):
+    """
+    C{python -m qbportsync --once --json} runs, each its own process, with a
+    wrong password and one state directory, against a fresh rig that bans
+    after C{maxAuthFailCount} failures: 3, as some set-ups have.
+    """
+
+    maxAuthFailCount: ClassVar[int] = 3
+
+    def setUp(self) -> None:
+        requireQBittorrent()
+        self.rig = QBittorrentRig(maxAuthFailCount=self.maxAuthFailCount)
+        self.addCleanup(self.rig.close)
+        self.directory = Path(self.mktemp()).absolute()
+        self.directory.mkdir(parents=True)
+        self.state = self.directory / "state"
+        portFile = self.directory / "forwarded_port"
+        portFile.write_text("41500\n")
+        self.config = self.directory / "config.toml"
+        self.config.write_text(
+            "[qbittorrent]\n"
+            f'base_url = "{self.rig.baseURL}"\n'
+            f'username = "{self.rig.username}"\n'
+            "[protonvpn]\n"
+            f'forwarded_port_path = "{portFile}"\n'
+        )
+        self.client = self.rig.namespace.clientAddress
+
+    def once(self, password: str) -> tuple[int, dict[str, Any], float]:
+        """One one-shot run: its exit code, its JSON line, its seconds."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(Path(qbportsync.__file__).parent.parent)
+        env["QB_PORT_SYNC_QB_PASSWORD"] = password
+        env["STATE_DIRECTORY"] = str(self.state)
+        argv = [sys.executable, "-m", "qbportsync", "--once", "--json"]
+        argv += ["--strategy", "file", "--config", str(self.config)]
+        started = time.monotonic()
+        done = subprocess.run(
+            argv,
+            env=env,
+            cwd=self.directory,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        elapsed = time.monotonic() - started
+        lines = done.stdout.splitlines()
+        self.assertEqual(len(lines), 1, done.stdout + done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        self.assertNotIn(password, done.stdout + done.stderr)
+        result: dict[str, Any] = json.loads(lines[0])
+        return done.returncode, result, elapsed
+
+    def ageRecord(self, seconds: float) -> None:
+        """Move every refusal in the record C{seconds} into the past."""
+        path = self.state / RECORD_NAME
+        record = json.loads(path.read_text())
+        for origin in record["origins"].values():
+            for entry in origin.get("refused", {}).values():
+                entry["last_refusal"] -= seconds
+        path.write_text(json.dumps(record))
+
+    def test_sixWrongPasswordRuns(self) -> None:
+        """
+        Six wrong-password runs, the second half ten minutes after the first:
+        two failed logins in all, each later run refused by the record with
+        the fix in its note; not banned, and once the password is fixed the
+        next run applies the port at once.
+        """
+        wrong = "not-the-password"
+        notes = []
+        for run in range(6):
+            if run == 3:
+                self.ageRecord(RETRY_AFTER_REFUSAL)
+            code, result, _ = self.once(wrong)
+            self.assertEqual((code, result["applied"]), (1, False), result)
+            notes.append(result["note"])
+        self.assertEqual(len(self.rig.failedLogins(self.client)), 2, self.rig.log())
+        for note in notes[1:3] + notes[4:]:
+            self.assertIn("not logging in", note)
+            self.assertIn("$QB_PORT_SYNC_QB_PASSWORD", note)
+            self.assertIn(str(self.state / RECORD_NAME), note)
+            self.assertIn("--forget-refusals", note)
+        self.assertIn("one more try", notes[0])
+        self.assertIn("no more tries", notes[3])
+        code, result, _ = self.once(self.rig.password)
+        self.assertEqual((code, result["applied"], result["verified"]), (0, True, True))
+        self.assertEqual(self.rig.listenPort(), 41500)
+        self.assertEqual(len(self.rig.failedLogins(self.client)), 2)
+        self.assertFalse(self.rig.isBanned(self.client))
+
+
+class OneShotRefusalFiveTests(OneShotRefusalTests):
+    """The same with qBittorrent's default limit of 5."""
+
+    maxAuthFailCount = 5
 
 
 class RigTests(ClientTestCase):

@@ -11,8 +11,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from qbportsync.config import ConfigError, QBittorrentConfig
-from qbportsync.qbittorrent import QBittorrentClient, QBittorrentError
-from tests.test_qbittorrent import PASSWORD, qbConfig, stubClient
+from qbportsync.qbittorrent import QBittorrentError
+from tests.test_qbittorrent import PASSWORD, newClient, qbConfig, stubClient
 
 SECRET = "tok3n-Secret-in-a-URL"
 
@@ -35,8 +35,8 @@ class RedactionTests(SynchronousTestCase):
 
     def test_redirectTarget(self) -> None:
         """A redirect is named by where it goes, without user info or query."""
-        client = QBittorrentClient(
-            Clock(), stubClient(_RedirectWithSecrets()), qbConfig()
+        client = newClient(
+            self, Clock(), stubClient(_RedirectWithSecrets()), qbConfig()
         )
         error = self.failureResultOf(client.listenPort(), QBittorrentError).value
         self.assertIn("redirects to 'https://***@elsewhere/x?***'", str(error))
@@ -48,7 +48,7 @@ class RedactionTests(SynchronousTestCase):
             base_url=f"http://[::1]:8080/?token={SECRET}", password=PASSWORD
         )
         error = self.assertRaises(
-            ConfigError, QBittorrentClient, Clock(), stubClient(Resource()), config
+            ConfigError, newClient, self, Clock(), stubClient(Resource()), config
         )
         self.assertIn("base_url http://[::1]:8080/?***: IPv6", str(error))
         self.assertNotIn(SECRET, str(error))

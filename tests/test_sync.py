@@ -8,7 +8,13 @@ from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock, LoopingCall, deferLater
-from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import (
+    LogEvent,
+    LogLevel,
+    capturedLogs,
+    formatEvent,
+    globalLogPublisher,
+)
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -215,6 +221,18 @@ class RetryTests(SyncTestsMixin, SynchronousTestCase):
         self.clock.advance(24 * 3600)
         self.assertEqual(len(self.sink.applies), 1)
         self.assertTrue(self.sync.status.last_attempt_failed)
+
+    def test_newRefusalLoggedOnce(self) -> None:
+        """A login refusal is logged, as an error, only the first time it is seen."""
+        with capturedLogs() as events:
+            for new in (True, False):
+                self.source.emit(40000 + new)
+                self.sink.applies[-1][2].errback(
+                    LoginRefused("wrong password", "credentials", 600.0, new)
+                )
+                self.clock.advance(600)
+        errors = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual([formatEvent(e) for e in errors], ["wrong password"])
 
     def test_unverifiedIsRetried(self) -> None:
         """

@@ -7,7 +7,8 @@ import os
 import socket
 import subprocess
 import sys
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr
+from typing import Any
 
 from attrs import evolve
 from twisted.application.service import IServiceCollection
@@ -21,6 +22,7 @@ from qbportsync import __version__
 from qbportsync.config import Config, ListenConfig, ProtonVPNConfig
 from qbportsync.metrics import Metrics
 from qbportsync.netevents import KernelEvents
+from qbportsync.refusals import RefusalStore
 from qbportsync.sdnotify import SystemdNotifier
 from qbportsync.sources.auto import AutoSource
 from qbportsync.sources.gatewaysource import NATPMPSource, PCPSource
@@ -30,7 +32,9 @@ from qbportsync.tap import (
     READY_GRACE_SECS,
     ConnectionPoolService,
     Options,
+    ReadinessService,
     buildService,
+    daemonService,
     makeService,
     makeSink,
     makeSource,
@@ -45,6 +49,7 @@ DEFAULTS = {
     "log-level": "info",
     "once": 0,
     "json": 0,
+    "forget-refusals": 0,
 }
 
 
@@ -77,6 +82,7 @@ class OptionsTests(SynchronousTestCase):
                 "log-level": "debug",
                 "once": 1,
                 "json": 1,
+                "forget-refusals": 0,
             },
         )
 
@@ -95,17 +101,29 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(usage.UsageError, self.parse, "--json")
 
     def test_version(self) -> None:
-        """--version prints the version and exits 0."""
+        """--version prints the version on the given stdout and exits 0."""
         out = io.StringIO()
-        with redirect_stdout(out):
-            error = self.assertRaises(SystemExit, self.parse, "--version")
+        options = Options(out)
+        error = self.assertRaises(SystemExit, options.parseOptions, ["--version"])
         self.assertEqual(error.code, 0)
         self.assertEqual(out.getvalue(), f"qbportsync {__version__.short()}\n")
 
     def test_help(self) -> None:
-        """--help describes every option."""
-        text = " ".join(str(Options()).split())
-        for word in ("--config", "--strategy", "--once", "--json", "--log-level"):
+        """--help starts 'Usage: qb-port-sync' and describes every option."""
+        out = io.StringIO()
+        options = Options(out)
+        error = self.assertRaises(SystemExit, options.parseOptions, ["--help"])
+        self.assertEqual(error.code, 0)
+        self.assertTrue(out.getvalue().startswith("Usage: qb-port-sync "))
+        text = " ".join(out.getvalue().split())
+        for word in (
+            "--config",
+            "--strategy",
+            "--once",
+            "--json",
+            "--log-level",
+            "--forget-refusals",
+        ):
             self.assertIn(word, text)
         self.assertIn("file, natpmp, pcp, gluetun or auto", text)
 
@@ -161,30 +179,33 @@ class BuilderTests(SynchronousTestCase):
         self.assertEqual(source.name, "pcp")
         self.assertIn("PCP, then NAT-PMP", source.reason)
 
+    def store(self, reactor: Any) -> RefusalStore:
+        return RefusalStore(reactor, self.mktemp())
+
     def test_buildService(self) -> None:
-        """The daemon's tree: network events, PortSync, web endpoints, systemd."""
-        top = buildService(MemoryReactorClock(), self.config(), "file", {})
+        """
+        The daemon's tree: network events, PortSync, the web endpoints,
+        systemd notification; building it opens no port.
+        """
+        reactor = MemoryReactorClock()
+        config = evolve(self.config(), metrics=ListenConfig(True, 9000))
+        top = buildService(reactor, config, "file", {}, self.store(reactor))
         self.assertTrue(IServiceCollection.providedBy(top))
         children = list(top)  # type: ignore[call-overload]
         hasEvents = sys.platform.startswith("linux") or sys.platform == "darwin"
         events: list[type] = [KernelEvents] if hasEvents else []
         self.assertEqual(
             [type(c) for c in children],
-            [ConnectionPoolService, *events, PortSync, WebService, SystemdNotifier],
+            [
+                ConnectionPoolService,
+                *events,
+                PortSync,
+                WebService,
+                SystemdNotifier,
+                ReadinessService,
+            ],
         )
-
-    def test_webPortInUse(self) -> None:
-        """A metrics port already taken stops the start with exit code 2."""
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        config = evolve(self.config(), metrics=ListenConfig(True, port))
-        from twisted.internet import reactor
-
-        error = self.assertRaises(SystemExit, buildService, reactor, config, "file", {})
-        self.assertEqual(error.code, 2)
+        self.assertEqual((reactor.tcpServers, reactor.getDelayedCalls()), ([], []))
 
     def test_readyAfterGrace(self) -> None:
         """With no answer from qBittorrent, systemd still hears READY=1 in time."""
@@ -194,7 +215,13 @@ class BuilderTests(SynchronousTestCase):
         receiver.bind(path)
         receiver.setblocking(False)
         reactor = MemoryReactorClock()
-        top = buildService(reactor, self.config(), "file", {"NOTIFY_SOCKET": path})
+        top = buildService(
+            reactor,
+            self.config(),
+            "file",
+            {"NOTIFY_SOCKET": path},
+            self.store(reactor),
+        )
         top.startService()
         self.addCleanup(top.stopService)
         reactor.advance(READY_GRACE_SECS - 1)
@@ -214,13 +241,19 @@ class BuilderTests(SynchronousTestCase):
         """The sink talks to the configured base URL."""
         from twisted.internet import reactor
 
-        self.assertEqual(makeSink(reactor, Config()).baseURL, "http://127.0.0.1:8080")
+        sink = makeSink(reactor, Config(), self.store(reactor))
+        self.assertEqual(sink.baseURL, "http://127.0.0.1:8080")
 
     def test_makeServiceRefusesOnce(self) -> None:
-        """twistd cannot run the one-shot mode."""
-        options = Options()
-        options.parseOptions(["--once"])
-        self.assertRaises(usage.UsageError, makeService, options)
+        """twistd cannot run the one-shot mode: a usage error, exit 2."""
+        for flag in ("--once", "--forget-refusals"):
+            options = Options()
+            options.parseOptions([flag])
+            err = io.StringIO()
+            with redirect_stderr(err):
+                error = self.assertRaises(SystemExit, makeService, options)
+            self.assertEqual(error.code, 2)
+            self.assertIn(f"{flag} runs from the qb-port-sync command", err.getvalue())
 
     def test_makeServiceConfigError(self) -> None:
         """A broken configuration file makes twistd exit with code 2."""
@@ -228,15 +261,73 @@ class BuilderTests(SynchronousTestCase):
         path.setContent(b"[qbittorrent]\nbase_url = 5\n")
         options = Options()
         options.parseOptions(["--config", path.path])
-        error = self.assertRaises(SystemExit, makeService, options)
+        with redirect_stderr(io.StringIO()):
+            error = self.assertRaises(SystemExit, makeService, options)
         self.assertEqual(error.code, 2)
+
+
+class DaemonServiceTests(SynchronousTestCase):
+    """Start-up errors end in one line on stderr and the reference's code."""
+
+    def start(self, config: str) -> tuple[int | str | None, str]:
+        path = FilePath(self.mktemp())
+        path.setContent(config.encode())
+        options = Options()
+        options.parseOptions(["--config", path.path, "--strategy", "file"])
+        err = io.StringIO()
+        from twisted.internet import reactor
+
+        environ = {"STATE_DIRECTORY": self.mktemp()}
+        error = self.assertRaises(
+            SystemExit, daemonService, reactor, options, environ, 1000, err
+        )
+        return error.code, err.getvalue()
+
+    def test_webPortInUse(self) -> None:
+        """A metrics port already taken stops the start with exit code 2."""
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = self.start(f"[metrics]\nenabled = true\nport = {port}\n")
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn(f"127.0.0.1:{port}", err)
+
+    def test_caFileNotPEM(self) -> None:
+        """A ca_file that is not PEM: one line naming it, exit code 2."""
+        notPEM = FilePath(self.mktemp())
+        notPEM.setContent(b"hello\n")
+        code, err = self.start(f'[qbittorrent]\nca_file = "{notPEM.path}"\n')
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn(notPEM.path, err)
+
+    def test_listensBeforeTheReactorRuns(self) -> None:
+        """The daemon's service has its web ports open once built."""
+        path = FilePath(self.mktemp())
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        path.setContent(
+            b"[metrics]\nenabled = true\nport = 9000\n[protonvpn]\n"
+            + f'forwarded_port_path = "{directory.child("port").path}"\n'.encode()
+        )
+        options = Options()
+        options.parseOptions(["--config", path.path, "--strategy", "file"])
+        reactor = MemoryReactorClock()
+        daemonService(reactor, options, {}, 1000, io.StringIO())
+        self.assertEqual(len(reactor.tcpServers), 1)
 
 
 class InstalledPluginTests(SynchronousTestCase):
     """The twistd plugin as installed, outside this source tree."""
 
-    def test_twistdHelp(self) -> None:
-        """C{twistd qbportsync --help} works from the installed package."""
+    def twistd(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{python -m twisted ARGV} (C{twist}; with a leading C{twistd},
+        C{twistd}) from the installed package, away from the source.
+        """
         cwd = self.mktemp()
         os.makedirs(cwd)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -256,8 +347,14 @@ class InstalledPluginTests(SynchronousTestCase):
             if os.environ.get("QBPORTSYNC_REQUIRE_INTEGRATION") == "1":
                 self.fail("qbportsync is not installed: run pip install .")
             raise SkipTest("qbportsync is not installed in this Python")
-        result = subprocess.run(
-            [sys.executable, "-m", "twisted", "qbportsync", "--help"],
+        runner = ["-m", "twisted"]
+        if argv[0] == "twistd":
+            runner, argv = (
+                ["-c", "from twisted.scripts.twistd import run; run()"],
+                argv[1:],
+            )
+        return subprocess.run(
+            [sys.executable, *runner, *argv],
             cwd=cwd,
             env=env,
             capture_output=True,
@@ -265,6 +362,19 @@ class InstalledPluginTests(SynchronousTestCase):
             check=False,
             timeout=60,
         )
+
+    def test_twistdHelp(self) -> None:
+        """C{twistd qbportsync --help} works from the installed package."""
+        result = self.twistd("qbportsync", "--help")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("--strategy", result.stdout)
         self.assertIn("--config", result.stdout)
+
+    def test_twistdOnce(self) -> None:
+        """C{twistd qbportsync --once}: a one-line usage error, exit 2."""
+        for argv in (["twistd", "-n"], []):
+            result = self.twistd(*argv, "qbportsync", "--once")
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertNotIn("Traceback", result.stderr)
+            self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+            self.assertIn("--once runs from the qb-port-sync command", result.stderr)
