@@ -1,6 +1,8 @@
 """
 The PortSync service: carries each forwarded port from a source into
-qBittorrent, retries failures, and puts the port back when it drifts.
+qBittorrent, retries failures, puts the port back when it drifts (less and
+less often when something else keeps changing it), and has qBittorrent's
+listener checked and healed when it may have died.
 """
 
 from __future__ import annotations
@@ -70,7 +72,6 @@ CULPRITS = (
 class _Contest:
     """A tug-of-war over qBittorrent's port: something keeps changing it."""
 
-    since: float
     lastConflict: float
     backoff: Backoff
     ours: bool = False
@@ -311,7 +312,6 @@ class PortSync(Service):
         contest = self._contest
         if contest is None:
             contest = self._contest = _Contest(
-                since=now,
                 lastConflict=now,
                 backoff=Backoff(
                     first=CONTEST_FIRST_SECS, cap=CONTEST_CAP_SECS, rnd=self._rnd
@@ -319,8 +319,8 @@ class PortSync(Service):
             )
             _log.warn(
                 "Something else keeps changing qBittorrent's listening port "
-                "(it lost port {port} {when}): likely {culprits}. Setting it "
-                "back less and less often, up to every {cap:.0f} s",
+                "(port {port} was replaced {when}): likely {culprits}. Setting "
+                "it back less and less often, up to every {cap:.0f} s",
                 port=port,
                 when=when,
                 culprits=CULPRITS,
@@ -434,7 +434,13 @@ class PortSync(Service):
         if self._healer is None or not self.running:
             return
         port = self._settled
-        if port is None or port != self._wanted or self._busy():
+        # A wait to retry does not hold it back: a tug-of-war waits minutes.
+        if (
+            port is None
+            or port != self._wanted
+            or self._inFlight is not None
+            or self._healing is not None
+        ):
             self._pendingCheck = trigger
             return
         self._pendingCheck = None
@@ -526,7 +532,7 @@ class PortSync(Service):
             self._lastRestore is not None
             and now - self._lastRestore < CONTEST_MEMORY_SECS
         ):
-            self._conflict(settled, f"again (to {port})")
+            self._conflict(settled, f"by {port} again")
             return
         wait = 0.0
         if self._lastApply is not None and self._lastApply[0] == settled:

@@ -809,3 +809,49 @@ class ListenerTriggerTests(SynchronousTestCase):
         self.sink.checks[-1].callback(40000)
         self.successResultOf(self.sync.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ContestedListenerTests(SynchronousTestCase):
+    """A tug-of-war's long waits do not hold back a listener check."""
+
+    def test_eventChecksDuringContest(self) -> None:
+        """An interface change while contested is checked after settling."""
+        clock = Clock()
+        source = FakeSource()
+        sink = ContestedSink(clock, period=1.0)
+        events = FakeNetworkEvents()
+        probes: list[float] = []
+
+        def probe(address: str, port: int) -> Deferred[bool]:
+            probes.append(clock.seconds())
+            return succeed(True)
+
+        healer = ListenerHealer(
+            clock,
+            sink,
+            Metrics.create(),
+            bindInterface="wg0",
+            probe=probe,
+            addressOf={"wg0": "10.2.0.2"}.get,
+        )
+        sync = PortSync(
+            clock,
+            source,
+            sink,
+            Metrics.create(),
+            bindInterface="wg0",
+            verifyInterval=2.0,
+            rnd=lambda: 0.0,
+            healer=healer,
+            networkEvents=events,
+        )
+        sync.startService()
+        self.addCleanup(sync.stopService)
+        source.emit(40000)
+        for _ in range(200):
+            clock.advance(0.5)
+        self.assertTrue(sync.status.contested)
+        events.emit("link", "wg0", True)
+        before = clock.seconds()
+        clock.advance(NETWORK_SETTLE_SECS)
+        self.assertEqual(probes[-1], before + NETWORK_SETTLE_SECS)
