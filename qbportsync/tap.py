@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TextIO
 
 from treq.client import HTTPClient
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
@@ -285,6 +285,8 @@ class ReadinessService(Service):
         ready = self._ready = self._sync.whenFirstAttempted()
         ready.addTimeout(READY_GRACE_SECS, self._reactor, onTimeoutCancel=_ignore)
         ready.addCallback(lambda _: self._notifier.ready())
+        # Stopped before the first update: nothing to tell, nothing to log.
+        ready.addErrback(lambda f: f.trap(CancelledError))
 
     def stopService(self) -> None:
         Service.stopService(self)

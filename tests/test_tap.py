@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import socket
@@ -228,6 +229,17 @@ class BuilderTests(SynchronousTestCase):
         self.assertNotIn(b"READY=1", self.drain(receiver))
         reactor.advance(1)
         self.assertIn(b"READY=1", self.drain(receiver))
+
+    def test_stopBeforeReady(self) -> None:
+        """Stopped before the first update: the wait ends quietly, no timer left."""
+        reactor = MemoryReactorClock()
+        top = buildService(reactor, self.config(), "file", {}, self.store(reactor))
+        top.startService()
+        top.stopService()
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        del top
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def drain(self, receiver: socket.socket) -> bytes:
         received = b""
