@@ -432,7 +432,8 @@ class QBittorrentClient:
         fix = (
             f"check qbittorrent.username ({self._config.username!r}) and the "
             f"password ({self._config.password_from or 'qbittorrent.password'}): "
-            "new credentials are tried at once"
+            "new credentials are tried at once (the daemon reads them when it "
+            "starts)"
         )
         if sent:
             head = (

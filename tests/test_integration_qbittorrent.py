@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +20,7 @@ from qbportsync.config import QBittorrentConfig
 from qbportsync.interfaces import ApplyResult
 from qbportsync.qbittorrent import LoginRefused, QBittorrentClient, makeHTTPClient
 from qbportsync.refusals import RECORD_NAME, RETRY_AFTER_REFUSAL, RefusalStore
-from tests.rig import QBittorrentRig, requireQBittorrent, waitFor
+from tests.rig import QBittorrentRig, requireQBittorrent, stopProcess, waitFor
 
 
 class ClientTestCase(TestCase):
@@ -202,11 +201,11 @@ class BannedTests(ClientTestCase):
         self.assertTrue(self.rig.isBanned(self.rig.namespace.clientAddress))
 
 
-class OneShotRefusalTests(SynchronousTestCase):
+class RefusalTestCase(SynchronousTestCase):
     """
-    C{python -m qbportsync --once --json} runs, each its own process, with a
-    wrong password and one state directory, against a fresh rig that bans
-    after C{maxAuthFailCount} failures: 3, as some set-ups have.
+    A fresh rig that bans after C{maxAuthFailCount} failed logins, a
+    configuration without the password, and one state directory for every
+    C{python -m qbportsync} process the test starts.
     """
 
     maxAuthFailCount: ClassVar[int] = 3
@@ -230,15 +229,19 @@ class OneShotRefusalTests(SynchronousTestCase):
         )
         self.client = self.rig.namespace.clientAddress
 
-    def once(self, password: str) -> tuple[int, dict[str, Any], float]:
-        """One one-shot run: its exit code, its JSON line, its seconds."""
+    def command(self, password: str, *argv: str) -> tuple[list[str], dict[str, str]]:
+        """C{python -m qbportsync ARGV} on the rig, and its environment."""
         env = dict(os.environ)
         env["PYTHONPATH"] = str(Path(qbportsync.__file__).parent.parent)
         env["QB_PORT_SYNC_QB_PASSWORD"] = password
         env["STATE_DIRECTORY"] = str(self.state)
-        argv = [sys.executable, "-m", "qbportsync", "--once", "--json"]
-        argv += ["--strategy", "file", "--config", str(self.config)]
-        started = time.monotonic()
+        command = [sys.executable, "-m", "qbportsync", *argv]
+        command += ["--strategy", "file", "--config", str(self.config)]
+        return command, env
+
+    def once(self, password: str) -> tuple[int, dict[str, Any]]:
+        """One one-shot run: its exit code and its JSON line."""
+        argv, env = self.command(password, "--once", "--json")
         done = subprocess.run(
             argv,
             env=env,
@@ -249,13 +252,27 @@ class OneShotRefusalTests(SynchronousTestCase):
             check=False,
             timeout=60,
         )
-        elapsed = time.monotonic() - started
         lines = done.stdout.splitlines()
         self.assertEqual(len(lines), 1, done.stdout + done.stderr)
         self.assertNotIn("Traceback", done.stderr)
         self.assertNotIn(password, done.stdout + done.stderr)
         result: dict[str, Any] = json.loads(lines[0])
-        return done.returncode, result, elapsed
+        return done.returncode, result
+
+    def daemon(self, password: str, log: Path) -> subprocess.Popen[bytes]:
+        """The daemon, its output in C{log}; stopped by PID in cleanup."""
+        argv, env = self.command(password)
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.addCleanup(stopProcess, process)
+        return process
 
     def ageRecord(self, seconds: float) -> None:
         """Move every refusal in the record C{seconds} into the past."""
@@ -265,6 +282,10 @@ class OneShotRefusalTests(SynchronousTestCase):
             for entry in origin.get("refused", {}).values():
                 entry["last_refusal"] -= seconds
         path.write_text(json.dumps(record))
+
+
+class OneShotRefusalTests(RefusalTestCase):
+    """Wrong-password one-shots with a limit of 3, as some set-ups have."""
 
     def test_sixWrongPasswordRuns(self) -> None:
         """
@@ -278,7 +299,7 @@ class OneShotRefusalTests(SynchronousTestCase):
         for run in range(6):
             if run == 3:
                 self.ageRecord(RETRY_AFTER_REFUSAL)
-            code, result, _ = self.once(wrong)
+            code, result = self.once(wrong)
             self.assertEqual((code, result["applied"]), (1, False), result)
             notes.append(result["note"])
         self.assertEqual(len(self.rig.failedLogins(self.client)), 2, self.rig.log())
@@ -289,7 +310,7 @@ class OneShotRefusalTests(SynchronousTestCase):
             self.assertIn("--forget-refusals", note)
         self.assertIn("one more try", notes[0])
         self.assertIn("no more tries", notes[3])
-        code, result, _ = self.once(self.rig.password)
+        code, result = self.once(self.rig.password)
         self.assertEqual((code, result["applied"], result["verified"]), (0, True, True))
         self.assertEqual(self.rig.listenPort(), 41500)
         self.assertEqual(len(self.rig.failedLogins(self.client)), 2)
@@ -300,6 +321,32 @@ class OneShotRefusalFiveTests(OneShotRefusalTests):
     """The same with qBittorrent's default limit of 5."""
 
     maxAuthFailCount = 5
+
+
+class DaemonRefusalTests(RefusalTestCase):
+    """The daemon keeps its refusals in the same record."""
+
+    def test_sharedWithOneShotsAndRestarts(self) -> None:
+        """
+        After the daemon's failed login, neither a one-shot nor the daemon
+        restarted sends another: one failed login in all, and the restarted
+        daemon says why.
+        """
+        wrong = "not-the-password"
+        first = self.daemon(wrong, self.directory / "daemon-1.log")
+        waitFor(lambda: self.rig.failedLogins(self.client) != [], "a failed login")
+        code, result = self.once(wrong)
+        self.assertEqual(code, 1)
+        self.assertIn("not logging in", result["note"])
+        stopProcess(first)
+        log = self.directory / "daemon-2.log"
+        self.daemon(wrong, log)
+        waitFor(
+            lambda: "not logging in" in log.read_text(errors="replace"),
+            "the restarted daemon to read the refusal",
+        )
+        self.assertEqual(len(self.rig.failedLogins(self.client)), 1, self.rig.log())
+        self.assertNotIn(wrong, log.read_text(errors="replace"))
 
 
 class RigTests(ClientTestCase):
