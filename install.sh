@@ -111,6 +111,7 @@ install_unit() {
     sed -e "s|/usr/bin/twistd |$VENV/bin/twistd |" \
         -e "s|/usr/bin/qb-port-sync |$BINDIR/qb-port-sync |" \
         -e "s|/etc/qb-port-sync/config.toml|$CONFIG|" \
+        -e "s|/etc/qb-port-sync/%i.toml|$(dirname "$CONFIG")/%i.toml|" \
         "$1" > "$2.tmp"
     chmod 0644 "$2.tmp"
     mv "$2.tmp" "$2"
@@ -181,6 +182,7 @@ do_install() {
 
     if [ -n "$SYSUNITDIR" ]; then
         install_unit "$SRCDIR/systemd/qb-port-sync.service" "$SYSUNITDIR/qb-port-sync.service"
+        install_unit "$SRCDIR/systemd/qb-port-sync@.service" "$SYSUNITDIR/qb-port-sync@.service"
     fi
     install_unit "$SRCDIR/systemd/qb-port-sync.path" "$USERUNITDIR/qb-port-sync.path"
     install_unit "$SRCDIR/systemd/qb-port-sync-oneshot.service" \
@@ -204,6 +206,7 @@ remove() {
 do_uninstall() {
     if [ -n "$SYSUNITDIR" ]; then
         remove "$SYSUNITDIR/qb-port-sync.service"
+        remove "$SYSUNITDIR/qb-port-sync@.service"
     fi
     remove "$USERUNITDIR/qb-port-sync.path"
     remove "$USERUNITDIR/qb-port-sync-oneshot.service"

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "systemd" / "qb-port-sync.service"
 PATH_UNIT = ROOT / "systemd" / "qb-port-sync.path"
 ONESHOT = ROOT / "systemd" / "qb-port-sync-oneshot.service"
+TEMPLATE = ROOT / "systemd" / "qb-port-sync@.service"
 PLIST = ROOT / "launchd" / "org.qbportsync.qb-port-sync.plist"
 FORMULA = ROOT / "Formula" / "qbportsync.rb"
 INSTALL_SH = ROOT / "install.sh"
@@ -263,6 +264,51 @@ class SystemServiceTests(SynchronousTestCase):
         if match is None:
             self.fail(f"no exposure level in: {result.stdout}{result.stderr}")
         self.assertLessEqual(float(match.group(1)), 2.0)
+
+
+class TemplateServiceTests(SynchronousTestCase):
+    """systemd/qb-port-sync@.service: one daemon per VPN."""
+
+    def test_instanceConfig(self) -> None:
+        """Instance NAME runs our plugin with /etc/qb-port-sync/NAME.toml."""
+        unit = parseUnit(TEMPLATE.read_text().replace("%i", "proton1"))
+        options = ServerOptions()
+        options.parseOptions(shlex.split(single(unit, "Service", "ExecStart"))[1:])
+        self.assertEqual(options.subCommand, "qbportsync")
+        self.assertEqual(options.subOptions["config"], "/etc/qb-port-sync/proton1.toml")
+
+    def test_sameSandboxAsTheService(self) -> None:
+        """Every setting but the command and environment file is the service's."""
+        perInstance = ("ExecStart", "EnvironmentFile")
+        template, service = (
+            {
+                k: v
+                for k, v in parseUnit(u.read_text())["Service"].items()
+                if k not in perInstance
+            }
+            for u in (TEMPLATE, SERVICE)
+        )
+        self.assertEqual(template, service)
+
+    def test_systemdAnalyzeVerifyInANamespace(self) -> None:
+        """
+        An instance with the documented NetworkNamespacePath= drop-in passes
+        systemd-analyze verify without a word.
+        """
+        tool = requireTool("systemd-analyze")
+        root = fakeRoot(["/usr/bin/twistd"], {TEMPLATE.name: TEMPLATE.read_text()})
+        self.addCleanup(shutil.rmtree, root)
+        dropIn = root / "etc/systemd/system/qb-port-sync@proton1.service.d"
+        dropIn.mkdir(parents=True)
+        (dropIn / "netns.conf").write_text(
+            "[Service]\nNetworkNamespacePath=/run/netns/proton1\n"
+        )
+        result = runQuiet(
+            [tool, "verify", f"--root={root}", "qb-port-sync@proton1.service"]
+        )
+        self.assertEqual(
+            (result.returncode, result.stdout + result.stderr), (0, ""), "verify"
+        )
 
 
 def verifyUserUnits(
@@ -533,9 +579,14 @@ class InstallScriptTests(SynchronousTestCase):
             env=env,
         )
         self.assertEqual(installed.returncode, 0, installed.stderr)
-        system = prefix / "lib" / "systemd" / "system" / SERVICE.name
-        result = runQuiet([tool, "verify", str(system)])
-        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+        systemDir = prefix / "lib" / "systemd" / "system"
+        instance = prefix / "qb-port-sync@proton1.service"
+        instance.write_text((systemDir / TEMPLATE.name).read_text())
+        for unit in (systemDir / SERVICE.name, instance):
+            result = runQuiet([tool, "verify", str(unit)])
+            self.assertEqual(
+                (result.returncode, result.stdout + result.stderr), (0, ""), unit
+            )
         userDir = prefix / "lib" / "systemd" / "user"
         user = verifyUserUnits(
             self,
@@ -654,6 +705,7 @@ class DistributionTests(SynchronousTestCase):
             "qbportsync/py.typed",
             "config/config.example.toml",
             "systemd/qb-port-sync.service",
+            "systemd/qb-port-sync@.service",
             "systemd/qb-port-sync.path",
             "systemd/qb-port-sync-oneshot.service",
             "launchd/" + PLIST.name,
