@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,6 +17,7 @@ from qbportsync.interfaces import (
     Forwarded,
     IPortSource,
     SourceError,
+    SourceTrouble,
     SourceUnavailable,
 )
 from qbportsync.metrics import Metrics
@@ -55,7 +56,7 @@ from tests.fakeudp import (
 )
 
 OK = Result.SUCCESS
-RETRANSMIT_TIMES = [0, 0.25, 0.75, 1.75, 3.75, 7.75, 15.75, 31.75, 63.75]
+RETRANSMIT_TIMES = [0, 0.25, 0.75, 1.75, 3.75, 7.75, 15.75, 23.75, 31.75]
 
 
 def errors(metrics: Metrics, kind: str) -> float:
@@ -101,7 +102,7 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(self.transport.connectedTo, SERVER)
 
     def test_retransmissions(self) -> None:
-        """Nine sends at 250 ms doubling, then GatewayTimeout after 64 s more."""
+        """Nine sends 250 ms apart, doubling to at most 8 s; timeout 8 s later."""
         d = self.client.request(ExternalAddressRequest())
         times = [0.0]
         while self.reactor.seconds() < 200 and len(times) < 9:
@@ -109,10 +110,11 @@ class ClientTests(SynchronousTestCase):
             if len(self.transport.written) > len(times):
                 times.append(self.reactor.seconds())
         self.assertEqual(times, RETRANSMIT_TIMES)
-        advance(self.reactor, 63.875)
+        advance(self.reactor, 7.875)
         self.assertNoResult(d)
         self.reactor.advance(0.125)
-        self.failureResultOf(d, GatewayTimeout)
+        failure = self.failureResultOf(d, GatewayTimeout)
+        self.assertEqual(failure.value.silentFor, 8.0)
         self.assertEqual(len(self.transport.written), 9)
         self.transport.written.clear()
         self.reactor.advance(1000)
@@ -239,14 +241,43 @@ class ClientTests(SynchronousTestCase):
         client.datagramReceived(data, SERVER)
 
     def test_closeCancelsAll(self) -> None:
-        """Closing the socket cancels every request and sends nothing more."""
+        """Closing the socket ourselves cancels every request, quietly."""
         first = self.client.request(ExternalAddressRequest())
         second = self.client.request(MapRequest("UDP", 1, 1, 1))
+        self.client.abandon()
         self.transport.stopListening()
         self.failureResultOf(first, CancelledError)
         self.failureResultOf(second, CancelledError)
         self.assertEqual(len(self.transport.written), 2)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_closedUnderUs(self) -> None:
+        """The epoll reactor closing the port on ICMP fails requests as refused."""
+        first = self.client.request(ExternalAddressRequest())
+        second = self.client.request(MapRequest("UDP", 1, 1, 1))
+        self.transport.closedByReactor()
+        self.failureResultOf(first, GatewayRefused)
+        self.failureResultOf(second, GatewayRefused)
+        self.assertTrue(self.client.closed)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_zeroGrantDropped(self) -> None:
+        """Success with port 0 or lifetime 0 is dropped, counted, never delivered."""
+        d = self.client.request(MapRequest("UDP", 6881, 6881, 60))
+        reply(self.transport, MapResponse("UDP", OK, 5, 6881, 0, 60))
+        reply(self.transport, MapResponse("UDP", OK, 5, 6881, 6881, 0))
+        self.assertNoResult(d)
+        self.assertEqual(dropped(self.metrics, "zero"), 2)
+        self.assertEqual(errors(self.metrics, "parse"), 2)
+        self.assertEqual(self.epochs, [])
+        reply(self.transport, MapResponse("UDP", OK, 5, 6881, 6881, 60))
+        self.successResultOf(d)
+
+    def test_deleteAnsweredWithZeros(self) -> None:
+        """A delete (lifetime 0) is answered with port and lifetime 0: accepted."""
+        d = self.client.request(MapRequest("UDP", 6881, 0, 0))
+        reply(self.transport, MapResponse("UDP", OK, 5, 6881, 0, 0))
+        self.successResultOf(d)
 
     def test_cancelStopsOnlyThatOne(self) -> None:
         """Cancelling one request stops its retransmissions, not the other's."""
@@ -331,9 +362,12 @@ class FakeGateway(ScriptedGateway[MapRequest]):
     def decode(self, data: bytes) -> object:
         return decodeRequest(data)
 
+    def keyOf(self, request: MapRequest) -> Hashable:
+        return (request.protocol, request.internalPort)
+
     def grant(self, port: int | None = None, lifetime: int | None = None) -> MapRequest:
-        """Answer the last request sent, granting C{port} (default: suggested)."""
-        request = self.last()
+        """Answer the oldest open request, granting C{port} (default: suggested)."""
+        request = self.oldest()
         reply(
             self.socket,
             MapResponse(
@@ -348,7 +382,7 @@ class FakeGateway(ScriptedGateway[MapRequest]):
         return request
 
     def refuse(self, result: Result) -> None:
-        request = self.last()
+        request = self.oldest()
         reply(
             self.socket,
             MapResponse(
@@ -367,7 +401,7 @@ class SourceTestCase(SynchronousTestCase):
         self.reactor = MemoryUDPReactor()
         self.metrics = Metrics.create()
         self.gateway = FakeGateway(self.reactor)
-        self.delivered: list[Forwarded] = []
+        self.delivered: list[Forwarded | SourceTrouble] = []
         return NATPMPSource(
             self.reactor,
             config(**portmap),
@@ -406,11 +440,21 @@ class FetchOnceTests(SourceTestCase):
         source = self.makeSource(protocol="TCP", lifetime_secs=120)
         d = source.fetchOnce()
         self.assertEqual(
-            self.gateway.grant(40000, 60), MapRequest("TCP", 6881, 6881, 120)
+            self.gateway.grant(6881, 60), MapRequest("TCP", 6881, 6881, 120)
         )
         self.assertEqual(
             self.successResultOf(d),
-            Forwarded(40000, "natpmp", note="ttl=60s", expires=60.0),
+            Forwarded(6881, "natpmp", note="ttl=60s", expires=60.0),
+        )
+
+    def test_longerGrantNotBelieved(self) -> None:
+        """A lifetime longer than asked is reported as the one asked for."""
+        source = self.makeSource(protocol="TCP")
+        d = source.fetchOnce()
+        self.gateway.grant(6881, 2**32 - 1)
+        self.assertEqual(
+            self.successResultOf(d),
+            Forwarded(6881, "natpmp", note="ttl=60s", expires=60.0),
         )
 
     def test_fixedInternalPort(self) -> None:
@@ -444,11 +488,22 @@ class FetchOnceTests(SourceTestCase):
         self.assertEqual(self.reactor.open(), [])
         self.assertEqual(errors(self.metrics, "gateway"), 1)
 
-    def test_silentGateway(self) -> None:
-        """A gateway that never answers: SourceUnavailable after 127.75 s."""
+    def test_refusedUnderEpoll(self) -> None:
+        """The socket closed by the reactor on ICMP: GatewayRefused, no traceback."""
         source = self.makeSource()
         d = source.fetchOnce()
-        advance(self.reactor, 127.625)
+        self.gateway.socket.closedByReactor()
+        failure = self.failureResultOf(d, GatewayRefused)
+        self.assertIsInstance(failure.value, SourceUnavailable)
+        self.assertIn("ICMP port unreachable", str(failure.value))
+        self.assertEqual(self.reactor.open(), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_silentGateway(self) -> None:
+        """A gateway that never answers: SourceUnavailable after 39.75 s."""
+        source = self.makeSource()
+        d = source.fetchOnce()
+        advance(self.reactor, 39.625)
         self.assertNoResult(d)
         self.reactor.advance(0.125)
         self.failureResultOf(d, SourceUnavailable)
@@ -460,7 +515,7 @@ class FetchOnceTests(SourceTestCase):
             ErrorResponse(129, Result.UNSUPP_OPCODE, 0),
             UnsupportedVersion(2),
         ):
-            source = self.makeSource()
+            source = self.makeSource(protocol="UDP")
             d = source.fetchOnce()
             reply(self.gateway.socket, response)
             self.failureResultOf(d, SourceUnavailable)
@@ -494,25 +549,44 @@ class FetchOnceTests(SourceTestCase):
 class ReconcileTests(SourceTestCase):
     """BOTH: qBittorrent has one port, so UDP and TCP must agree."""
 
+    def test_askedTogether(self) -> None:
+        """UDP and TCP are asked at once, each retransmitted on its own."""
+        self.makeSource().fetchOnce()
+        self.assertEqual(
+            self.gateway.requests(),
+            [MapRequest("UDP", 6881, 6881, 60), MapRequest("TCP", 6881, 6881, 60)],
+        )
+        self.gateway.grant()
+        self.reactor.advance(0.25)
+        self.assertEqual(self.gateway.requests(), [MapRequest("TCP", 6881, 6881, 60)])
+
     def test_reaskWithTCPPort(self) -> None:
         """Different grants: ask UDP again for TCP's port; agreed port wins."""
-        source = self.makeSource()
+        source = self.makeSource(sinkPort=lambda: succeed(2000))
         d = source.fetchOnce()
         self.gateway.grant(1000)
         self.gateway.grant(2000)
-        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 6881, 2000, 60))
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 2000, 2000, 60))
         self.assertEqual(self.successResultOf(d).port, 2000)
         self.assertEqual(errors(self.metrics, "gateway"), 0)
 
     def test_tcpWins(self) -> None:
         """Still different: TCP's port is used, and the conflict counted."""
-        source = self.makeSource()
+        source = self.makeSource(sinkPort=lambda: succeed(2000))
         d = source.fetchOnce()
         self.gateway.grant(1000)
         self.gateway.grant(2000)
         self.gateway.grant(1000)
         self.assertEqual(self.successResultOf(d).port, 2000)
         self.assertEqual(errors(self.metrics, "gateway"), 1)
+
+    def test_oneFailsBoth(self) -> None:
+        """A refusal for one transport fails the mapping and stops the other."""
+        source = self.makeSource()
+        d = source.fetchOnce()
+        self.gateway.refuse(Result.NO_RESOURCES)
+        self.failureResultOf(d, SourceError)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_shortestLifetime(self) -> None:
         """The reported lifetime is the shorter of the two grants."""
@@ -535,6 +609,12 @@ class DaemonTests(SourceTestCase):
         self.gateway.grant(port, lifetime)
         self.gateway.grant(port, lifetime)
 
+    def ports(self) -> list[int]:
+        return [f.port for f in self.delivered if isinstance(f, Forwarded)]
+
+    def troubles(self) -> list[SourceTrouble]:
+        return [f for f in self.delivered if isinstance(f, SourceTrouble)]
+
     def test_renewAtHalfLifetime(self) -> None:
         """Renewals every 30 s for a 60 s grant, two datagrams each."""
         self.started()
@@ -546,8 +626,10 @@ class DaemonTests(SourceTestCase):
             self.reactor.advance(0.1)
             self.mapBoth()
             self.assertEqual(len(self.gateway.requests()), 2, f"period {period}")
-        self.assertEqual([f.port for f in self.delivered], [6881] * 5)
-        self.assertEqual(self.delivered[-1].expires, 120.0 + 60)
+        self.assertEqual(self.ports(), [6881] * 5)
+        self.assertEqual(
+            self.delivered[-1], Forwarded(6881, "natpmp", "ttl=60s", 180.0)
+        )
 
     def test_quietRenewals(self) -> None:
         """A grant is logged at info when new, at debug when a renewal repeats it."""
@@ -558,26 +640,24 @@ class DaemonTests(SourceTestCase):
         self.mapBoth(6881)
         self.reactor.advance(30)
         self.mapBoth()
-        self.reactor.advance(30)
-        self.mapBoth(40000)
         grants = [
             (e["port"], e["log_level"])
             for e in events
             if e.get("log_format", "").startswith("The gateway forwards port")
         ]
-        self.assertEqual(
-            grants,
-            [(6881, LogLevel.info), (6881, LogLevel.debug), (40000, LogLevel.info)],
-        )
+        self.assertEqual(grants, [(6881, LogLevel.info), (6881, LogLevel.debug)])
 
-    def test_renewalSuggestsGrant(self) -> None:
-        """Renewals suggest the port last granted, not the internal port."""
+    def test_convergesOnGrantedPort(self) -> None:
+        """External 40000 for internal 6881: release, then map 40000 to 40000."""
         self.started()
         self.mapBoth(40000)
-        self.gateway.requests()
+        self.assertEqual(self.gateway.grant(0, 0), MapRequest("UDP", 6881, 0, 0))
+        self.assertEqual(self.gateway.grant(0, 0), MapRequest("TCP", 6881, 0, 0))
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 40000, 40000, 60))
+        self.assertEqual(self.gateway.grant(), MapRequest("TCP", 40000, 40000, 60))
+        self.assertEqual(self.ports(), [40000])
         self.reactor.advance(30)
-        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 6881, 40000, 60))
-        self.assertEqual(self.gateway.grant(), MapRequest("TCP", 6881, 40000, 60))
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 40000, 40000, 60))
 
     def test_internalPortStable(self) -> None:
         """qBittorrent is asked its port once; renewals keep the same one."""
@@ -602,25 +682,74 @@ class DaemonTests(SourceTestCase):
         self.reactor.advance(9.9)
         self.assertEqual(self.gateway.requests(), [])
         self.reactor.advance(0.1)
-        self.assertEqual(len(self.gateway.requests()), 1)
+        self.assertEqual(len(self.gateway.requests()), 2)
 
-    def test_noLifetimeUsesRefresh(self) -> None:
-        """A grant without lifetime is renewed after refresh_secs."""
-        self.started(refresh_secs=45)
-        self.mapBoth(lifetime=0)
+    def test_longerGrantRenewedAsAsked(self) -> None:
+        """A grant of 2**32-1 s is renewed after 30 s and expires as asked."""
+        self.started()
+        self.mapBoth(lifetime=2**32 - 1)
         self.gateway.requests()
-        self.reactor.advance(44.9)
+        self.assertEqual(self.delivered[-1], Forwarded(6881, "natpmp", "ttl=60s", 60.0))
+        self.reactor.advance(29.9)
         self.assertEqual(self.gateway.requests(), [])
         self.reactor.advance(0.1)
-        self.assertEqual(len(self.gateway.requests()), 1)
+        self.assertEqual(len(self.gateway.requests()), 2)
 
-    def test_changedGrantDelivered(self) -> None:
-        """A renewal granting another port delivers it at once."""
+    def test_refreshCap(self) -> None:
+        """refresh_secs caps the time between renewals."""
+        self.started(refresh_secs=20)
+        self.mapBoth()
+        self.gateway.requests()
+        self.reactor.advance(19.9)
+        self.assertEqual(self.gateway.requests(), [])
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.gateway.requests()), 2)
+
+    def test_zeroGrantNeverDelivered(self) -> None:
+        """Port 0 or lifetime 0 on success is dropped; the request goes on."""
+        self.started(protocol="UDP")
+        request = self.gateway.last()
+        for port, lifetime in ((0, 60), (6881, 0)):
+            reply(
+                self.gateway.socket,
+                MapResponse("UDP", OK, 1000, request.internalPort, port, lifetime),
+            )
+        self.assertEqual(self.delivered, [])
+        self.assertEqual(dropped(self.metrics, "zero"), 2)
+        self.reactor.advance(0.25)
+        self.gateway.grant()
+        self.assertEqual(self.ports(), [6881])
+
+    def test_movedPortConfirmed(self) -> None:
+        """A renewal that moves the port is asked again; agreed, it converges."""
         self.started()
-        self.mapBoth(40000)
+        self.mapBoth()
         self.reactor.advance(30)
-        self.mapBoth(41000)
-        self.assertEqual([f.port for f in self.delivered], [40000, 41000])
+        self.mapBoth(7000)
+        self.assertEqual(self.delivered[1:], [])
+        self.assertEqual(self.gateway.grant(7000), MapRequest("UDP", 6881, 6881, 60))
+        self.assertEqual(self.gateway.grant(7000), MapRequest("TCP", 6881, 6881, 60))
+        self.gateway.grant(0, 0)
+        self.gateway.grant(0, 0)
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 7000, 7000, 60))
+        self.gateway.grant()
+        self.assertEqual(self.ports(), [6881, 7000])
+
+    def test_forgedMoveIgnored(self) -> None:
+        """A moved port that asking again does not confirm is never delivered."""
+        self.started()
+        self.mapBoth()
+        self.reactor.advance(30)
+        self.mapBoth(4444)
+        self.mapBoth(6881)
+        self.assertEqual(self.ports(), [6881, 6881])
+        self.assertEqual(
+            self.gateway.requests()[-2:],
+            [
+                MapRequest("UDP", 6881, 6881, 60),
+                MapRequest("TCP", 6881, 6881, 60),
+            ],
+        )
 
     def test_failureRetriesQuickly(self) -> None:
         """A refused renewal is retried after 1, 2, 4 s, within the lease."""
@@ -637,6 +766,7 @@ class DaemonTests(SourceTestCase):
             sent.append(self.reactor.seconds())
         self.assertEqual(sent, [31.0, 33.0, 37.0])
         self.assertEqual(errors(self.metrics, "gateway"), 3)
+        self.assertEqual(self.troubles(), [])
 
     def test_retryNeverPastLease(self) -> None:
         """With 2 s left on the lease, the retry comes within 2 s."""
@@ -651,13 +781,21 @@ class DaemonTests(SourceTestCase):
         self.assertEqual(self.reactor.seconds(), 10.0)
 
     def test_silentGatewayKeepsTrying(self) -> None:
-        """A gateway silent for 128 s fails the try; another starts in 1 s."""
+        """A silent gateway: trouble after 39.75 s; a new socket asks at once."""
         self.started(protocol="UDP")
-        self.gateway.requests()
-        advance(self.reactor, 127.75)
-        self.assertEqual(len(self.gateway.requests()), 8)
-        self.reactor.advance(1)
-        self.assertEqual(len(self.gateway.requests()), 1)
+        first = self.gateway.socket
+        advance(self.reactor, 39.75)
+        self.assertEqual(len(first.sent), 9)
+        self.assertFalse(first.listening)
+        self.assertEqual(
+            self.troubles(),
+            [
+                SourceTrouble(
+                    f"natpmp: gateway {GATEWAY} does not answer NAT-PMP", "gateway"
+                )
+            ],
+        )
+        self.assertEqual(len(self.gateway.socket.sent), 1)
 
     def test_epochResetFromResponse(self) -> None:
         """An epoch gone back remaps everything after the random 0-5 s wait."""
@@ -666,15 +804,14 @@ class DaemonTests(SourceTestCase):
         self.reactor.advance(30)
         self.gateway.epoch = 0
         self.gateway.started = 30
-        self.mapBoth(7000)
         self.gateway.requests()
+        self.mapBoth()
         self.assertEqual(
             sample(self.metrics, "qb_port_sync_gateway_epoch_resets_total"), 1.0
         )
-        self.reactor.advance(2.4)
-        self.assertEqual(self.gateway.requests(), [])
-        self.reactor.advance(0.1)  # random 0.5 × 5 s
-        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 6881, 7000, 60))
+        # Our own try saw it: map again at once, no random wait.
+        self.assertEqual(self.gateway.grant(), MapRequest("UDP", 6881, 6881, 60))
+        self.assertEqual(self.gateway.grant(), MapRequest("TCP", 6881, 6881, 60))
 
     def test_epochSteady(self) -> None:
         """An epoch that advances with time is no reset."""
@@ -706,12 +843,14 @@ class DaemonTests(SourceTestCase):
         self.announcementPort().protocol.datagramReceived(datagram, sender)
 
     def test_natpmpAnnouncement(self) -> None:
-        """A NAT-PMP announcement with a reset epoch triggers a remap."""
+        """A NAT-PMP announcement with a reset epoch remaps after 0-5 s."""
         self.announcedAfterMapping(
             encodeResponse(ExternalAddressResponse(OK, 0, "203.0.113.5"))
         )
-        self.reactor.advance(2.5)
-        self.assertEqual(len(self.gateway.requests()), 1)
+        self.reactor.advance(2.4)
+        self.assertEqual(self.gateway.requests(), [])
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.gateway.requests()), 2)
 
     def test_pcpAnnouncement(self) -> None:
         """A PCP ANNOUNCE (version 2) with a reset epoch triggers a remap."""
@@ -719,7 +858,49 @@ class DaemonTests(SourceTestCase):
             bytes.fromhex("0280 0000 00000000 00000000") + bytes(12)
         )
         self.reactor.advance(2.5)
-        self.assertEqual(len(self.gateway.requests()), 1)
+        self.assertEqual(len(self.gateway.requests()), 2)
+
+    def test_announcementFromOtherPort(self) -> None:
+        """An announcement from the gateway's address but not port 5351 is dropped."""
+        self.announcedAfterMapping(
+            encodeResponse(ExternalAddressResponse(OK, 0, "203.0.113.5")),
+            (GATEWAY, 4444),
+        )
+        self.reactor.advance(5)
+        self.assertEqual(self.gateway.requests(), [])
+        self.assertEqual(dropped(self.metrics, "stranger"), 1)
+
+    def test_announcementFlood(self) -> None:
+        """5,000 forged resets: one remap per renewal period, logged once."""
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.announcedAfterMapping(
+            encodeResponse(ExternalAddressResponse(OK, 0, "203.0.113.5"))
+        )
+        listener = self.announcementPort().protocol
+        remaps = 0
+        for n in range(5000):
+            address = f"203.0.113.{5 + n % 2}"
+            listener.datagramReceived(
+                encodeResponse(ExternalAddressResponse(OK, 1010 + n, address)),
+                SERVER,
+            )
+            self.reactor.advance(0.012)
+            sent = self.gateway.requests()
+            if sent:
+                remaps += 1
+                self.mapBoth()
+        # 60 s of flood, renewal period 30 s, and one renewal of our own.
+        self.assertLessEqual(remaps, 4)
+        self.assertGreater(dropped(self.metrics, "ratelimit"), 4990)
+        said = [
+            e
+            for e in events
+            if e["log_level"] >= LogLevel.info
+            and "mapping again in" in e.get("log_format", "")
+        ]
+        self.assertLessEqual(len(said), 2)
 
     def test_strangerAnnouncement(self) -> None:
         """Announcements from anyone but our gateway are dropped and counted."""
@@ -744,7 +925,7 @@ class DaemonTests(SourceTestCase):
                 (GATEWAY, 5351),
             )
         self.reactor.advance(2.5)
-        self.assertEqual(len(self.gateway.requests()), 1)
+        self.assertEqual(len(self.gateway.requests()), 2)
 
     def test_stop(self) -> None:
         """stop() closes both sockets and leaves no timer; deletes nothing."""
@@ -767,7 +948,7 @@ class DaemonTests(SourceTestCase):
     def test_releaseOnExit(self) -> None:
         """release_on_exit deletes each mapping: our internal port, lifetime 0."""
         source = self.started(release_on_exit=True)
-        self.mapBoth(40000)
+        self.mapBoth(6881)
         self.gateway.requests()
         socket = self.gateway.socket
         d = source.stop()
@@ -778,7 +959,7 @@ class DaemonTests(SourceTestCase):
         self.assertEqual(self.reactor.open(), [])
 
     def test_releaseGivesUp(self) -> None:
-        """A silent gateway holds up stop() for 1.75 s at most."""
+        """A silent gateway holds up stop() for 1.75 s at most per mapping."""
         source = self.started(release_on_exit=True, protocol="UDP")
         self.gateway.grant()
         d = source.stop()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
@@ -58,6 +58,9 @@ class FakeGateway(ScriptedGateway[MapRequest]):
     def decode(self, data: bytes) -> object:
         return decodeRequest(data)
 
+    def keyOf(self, request: MapRequest) -> Hashable:
+        return (request.protocol, request.internalPort)
+
     def answer(self, request: MapRequest, result: Result, port: int, life: int) -> None:
         self.send(
             encodeResponse(
@@ -75,15 +78,15 @@ class FakeGateway(ScriptedGateway[MapRequest]):
         )
 
     def grant(self, port: int | None = None, lifetime: int = 120) -> MapRequest:
-        """Answer the last request, granting C{port} (default: suggested)."""
-        request = self.last()
+        """Answer the oldest open request, granting C{port} (default: suggested)."""
+        request = self.oldest()
         self.answer(
             request, OK, request.suggestedPort if port is None else port, lifetime
         )
         return request
 
     def refuse(self, result: Result, lifetime: int = 0) -> MapRequest:
-        request = self.last()
+        request = self.oldest()
         self.answer(request, result, 0, lifetime)
         return request
 
@@ -110,7 +113,7 @@ class FakeGateway(ScriptedGateway[MapRequest]):
 class SourceTestCase(SynchronousTestCase):
     def makeSource(
         self,
-        sinkPort: Callable[[], Deferred[int]] = lambda: succeed(6881),
+        sinkPort: Callable[[], Deferred[int]] = lambda: succeed(1024),
         **portmap: object,
     ) -> PCPSource:
         self.reactor = MemoryUDPReactor()
@@ -152,18 +155,18 @@ class FetchOnceTests(SourceTestCase):
         self.assertEqual(source.name, "pcp")
 
     def test_both(self) -> None:
-        """UDP then TCP; a lifetime clamped to 120 s is reported; socket closed."""
+        """UDP and TCP; a lifetime raised to 120 s counts as the 60 s asked."""
         source = self.makeSource()
         d = source.fetchOnce()
         udp = self.gateway.grant(1024)
         tcp = self.gateway.grant(1024)
         self.assertEqual((udp.protocol, tcp.protocol), ("UDP", "TCP"))
         self.assertEqual(
-            (udp.internalPort, udp.suggestedPort, udp.lifetime), (6881, 6881, 60)
+            (udp.internalPort, udp.suggestedPort, udp.lifetime), (1024, 1024, 60)
         )
         self.assertEqual(
             self.successResultOf(d),
-            Forwarded(1024, "pcp", note="ttl=120s", expires=120.0),
+            Forwarded(1024, "pcp", note="ttl=60s", expires=60.0),
         )
         self.assertEqual(self.reactor.open(), [])
 
@@ -195,9 +198,9 @@ class FetchOnceTests(SourceTestCase):
         d = source.fetchOnce()
         request = self.gateway.last()
         for other in (
-            request.__class__(b"x" * 12, "UDP", 6881, 0, "", 0, ""),
-            request.__class__(request.nonce, "TCP", 6881, 0, "", 0, ""),
-            request.__class__(request.nonce, "UDP", 6882, 0, "", 0, ""),
+            request.__class__(b"x" * 12, "UDP", 1024, 0, "", 0, ""),
+            request.__class__(request.nonce, "TCP", 1024, 0, "", 0, ""),
+            request.__class__(request.nonce, "UDP", 1025, 0, "", 0, ""),
         ):
             self.gateway.answer(other, OK, 1024, 120)
         self.assertNoResult(d)
@@ -211,7 +214,7 @@ class FetchOnceTests(SourceTestCase):
         d = source.fetchOnce()
         request = self.gateway.last()
         data = encodeResponse(
-            MapResponse(OK, 120, 1, request.nonce, "UDP", 6881, 1024, "203.0.113.5")
+            MapResponse(OK, 120, 1, request.nonce, "UDP", 1024, 1024, "203.0.113.5")
         )
         self.gateway.socket.protocol.datagramReceived(data, (GATEWAY, 5350))
         self.gateway.socket.protocol.datagramReceived(data, ("198.51.100.9", 5351))
@@ -234,11 +237,11 @@ class FetchOnceTests(SourceTestCase):
         self.gateway.send(encodeResponse(UnsupportedVersion(0)))
         self.assertFalse(pcpSocket.listening)
         self.assertEqual(
-            self.gateway.natpmpRequest(), natpmp.MapRequest("UDP", 6881, 6881, 60)
+            self.gateway.natpmpRequest(), natpmp.MapRequest("UDP", 1024, 1024, 60)
         )
-        self.gateway.natpmpGrant(40000)
+        self.gateway.natpmpGrant(1024)
         forwarded = self.successResultOf(d)
-        self.assertEqual((forwarded.port, forwarded.source), (40000, "natpmp"))
+        self.assertEqual((forwarded.port, forwarded.source), (1024, "natpmp"))
         self.assertIn("fell back from pcp", forwarded.note)
         self.assertIn("only NAT-PMP", forwarded.note)
         self.assertEqual(source.name, "natpmp")
@@ -252,14 +255,14 @@ class FetchOnceTests(SourceTestCase):
         self.assertEqual(self.sendTimes(4.875), [3.0])
         self.reactor.advance(0.125)
         self.assertIsInstance(self.gateway.natpmpRequest(), natpmp.MapRequest)
-        self.gateway.natpmpGrant(40000)
+        self.gateway.natpmpGrant(1024)
         self.assertEqual(self.successResultOf(d).source, "natpmp")
 
     def test_allSilent(self) -> None:
-        """Neither protocol answers: SourceUnavailable after 5 + 127.75 s."""
+        """Neither protocol answers: SourceUnavailable after 5 + 39.75 s."""
         source = self.makeSource(protocol="UDP")
         d = source.fetchOnce()
-        self.reactor.pump([0.25] * 530)
+        self.reactor.pump([0.25] * 178)
         self.assertNoResult(d)
         self.reactor.advance(0.25)
         self.failureResultOf(d, SourceUnavailable)
@@ -271,7 +274,7 @@ class FetchOnceTests(SourceTestCase):
         d = source.fetchOnce()
         self.gateway.refuse(Result.NO_RESOURCES, 30)
         failure = self.failureResultOf(d, SourceError)
-        self.assertIn("NO_RESOURCES", str(failure.value))
+        self.assertIn("out of resources", str(failure.value))
         self.assertEqual(source.name, "pcp")
 
     def test_unsupportedProtocol(self) -> None:
@@ -289,7 +292,7 @@ class FetchOnceTests(SourceTestCase):
         request = self.gateway.last()
         data = bytearray(
             encodeResponse(
-                MapResponse(OK, 0, 1, request.nonce, "UDP", 6881, 0, "0.0.0.0")
+                MapResponse(OK, 0, 1, request.nonce, "UDP", 1024, 0, "0.0.0.0")
             )
         )
         data[3] = 99
@@ -301,17 +304,29 @@ class DaemonTests(SourceTestCase):
     """PCPSource.start: renewals, error lifetimes, epochs, announcements, stop."""
 
     def test_renewalSchedule(self) -> None:
-        """Renew at 1/2–5/8 (67.5 s), again at 3/4, 7/8, 15/16, 63/64; then anew."""
-        self.started(protocol="UDP")
+        """
+        Renew at 1/2-5/8 (67.5 s), again at 3/4, 7/8, 31/32, 63/64 with no
+        wait over 8 s; at expiry, a new request on a new socket at once.
+        """
+        self.started(protocol="UDP", lifetime_secs=120, refresh_secs=300)
         self.gateway.grant(1024)
         self.gateway.requests()
         self.assertEqual(
-            self.sendTimes(121.0), [67.5, 90.0, 105.0, 112.5, 118.125, 121.0]
+            self.sendTimes(121.0),
+            [67.5, 75.0, 82.5, 90.0, 97.5, 105.0, 112.5, 118.125, 120.0],
         )
+
+    def test_renewalFromAskedLifetime(self) -> None:
+        """Granted 120 s for the 60 s asked: renewed within 60 s, expiry at 60 s."""
+        self.started(protocol="UDP")
+        self.gateway.grant(1024, 120)
+        self.gateway.requests()
+        self.assertEqual(self.delivered[-1], Forwarded(1024, "pcp", "ttl=60s", 60.0))
+        self.assertEqual(self.sendTimes(34.0), [33.75])
 
     def test_renewalKeepsNonceAndPort(self) -> None:
         """A renewal suggests the granted port with the mapping's nonce."""
-        self.started(protocol="UDP")
+        self.started(protocol="UDP", lifetime_secs=120, refresh_secs=300)
         first = self.gateway.grant(1024)
         self.reactor.advance(67.5)
         renewal = self.gateway.grant(1024)
@@ -325,7 +340,11 @@ class DaemonTests(SourceTestCase):
         self.gateway.grant(1024)
         self.reactor.pump([1.0] * 300)
         self.assertEqual(source.name, "pcp")
-        self.assertIsInstance(self.gateway.last(), MapRequest)
+        sockets = [p for p in self.reactor.udpPorts if p.connectedTo == SERVER]
+        self.assertGreater(len(sockets), 3)
+        for socket in sockets:
+            for data in socket.sent:
+                self.assertIsInstance(decodeRequest(data), MapRequest)
 
     def test_errorLifetimeRespected(self) -> None:
         """After NO_RESOURCES with lifetime 30, the request waits 30 s."""
@@ -342,15 +361,15 @@ class DaemonTests(SourceTestCase):
         self.assertEqual(self.sendTimes(1.0), [1.0])
 
     def test_epochInvalidRemaps(self) -> None:
-        """A restarted gateway's epoch on a renewal remaps after the random wait."""
+        """A restarted gateway's epoch in a renewal's answer remaps at once."""
         self.started(protocol="UDP")
         self.gateway.grant(1024)
-        self.reactor.advance(67.5)
-        self.gateway.epoch, self.gateway.started = 0, 67.5
-        self.gateway.grant(1025)
-        self.gateway.requests()
+        self.reactor.advance(33.75)
+        self.gateway.epoch, self.gateway.started = 0, 33.75
+        self.gateway.grant(1024)
         self.assertEqual(resets(self.metrics), 1.0)
-        self.assertEqual(self.sendTimes(72.0), [70.0])
+        self.assertEqual(self.gateway.grant(1024).suggestedPort, 1024)
+        self.assertEqual(resets(self.metrics), 1.0)
 
     def test_epochSteady(self) -> None:
         """Renewals with a steadily advancing epoch are no reset."""
@@ -392,7 +411,7 @@ class DaemonTests(SourceTestCase):
         self.gateway.requests()
         self.reactor.advance(10)
         moved = MapResponse(
-            OK, 120, self.gateway.now(), request.nonce, "UDP", 6881, 2000, "203.0.113.6"
+            OK, 120, self.gateway.now(), request.nonce, "UDP", 1024, 2000, "203.0.113.6"
         )
         self.announcementPort().protocol.datagramReceived(encodeResponse(moved), SERVER)
         self.assertEqual(self.sendTimes(13.0), [12.5])
@@ -411,7 +430,7 @@ class DaemonTests(SourceTestCase):
         self.started(protocol="UDP")
         request = self.gateway.grant(1024)
         self.gateway.requests()
-        other = MapRequest(b"y" * 12, "UDP", 6881, 0, "", 0, "")
+        other = MapRequest(b"y" * 12, "UDP", 1024, 0, "", 0, "")
         self.gateway.answer(other, OK, 2000, 120)
         self.assertEqual(self.sendTimes(10.0), [])
         self.assertEqual(dropped(self.metrics, "mismatch"), 1)
@@ -460,7 +479,7 @@ class DaemonTests(SourceTestCase):
         """The daemon falls back too, and renews with NAT-PMP at half-life."""
         source = self.started(protocol="UDP")
         self.gateway.send(encodeResponse(UnsupportedVersion(0)))
-        self.gateway.natpmpGrant(40000)
+        self.gateway.natpmpGrant(1024)
         self.assertEqual(self.delivered[-1].source, "natpmp")
         self.assertEqual(source.name, "natpmp")
         self.gateway.socket.written.clear()

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from qbportsync.metrics import Metrics
+from qbportsync.sources.wire import SERVER_PORT
 
 _log = Logger()
 
@@ -70,8 +71,9 @@ def decodeAnnouncement(data: bytes) -> Announcement:
 
 class AnnouncementListener(DatagramProtocol):
     """
-    Hears announcements, keeps only those from our gateway; hands its PCP MAP
-    responses to C{onOther}.
+    Hears announcements, keeps only those from our gateway's address and
+    port 5351 (RFC 6887 §8.3); hands its PCP MAP responses to C{onOther}.
+    What to do about them, and how often, is the caller's to decide.
     """
 
     def __init__(
@@ -82,7 +84,7 @@ class AnnouncementListener(DatagramProtocol):
         interface: str = "",
         onOther: Callable[[bytes], object] | None = None,
     ) -> None:
-        self._gateway = gateway
+        self.gateway = gateway
         self._onAnnouncement = onAnnouncement
         self._metrics = metrics
         self._interface = interface
@@ -103,9 +105,13 @@ class AnnouncementListener(DatagramProtocol):
         )
 
     def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
-        if addr[0] != self._gateway:
+        if addr != (self.gateway, SERVER_PORT):
             self._metrics.datagrams_dropped.labels(reason="stranger").inc()
-            _log.debug("ignored an announcement from {source}", source=addr[0])
+            _log.debug(
+                "ignored an announcement from {source}:{port}",
+                source=addr[0],
+                port=addr[1],
+            )
             return
         if self._onOther is not None and datagram[:2] == _PCP_MAP_RESPONSE:
             # RFC 6887 §14.2: unsolicited MAP responses may come here too.
@@ -117,14 +123,14 @@ class AnnouncementListener(DatagramProtocol):
             self._metrics.datagrams_dropped.labels(reason=e.reason).inc()
             _log.debug(
                 "ignored a datagram from gateway {gateway} on port {port}: {reason}",
-                gateway=self._gateway,
+                gateway=self.gateway,
                 port=PORT,
                 reason=e.reason,
             )
             return
-        _log.info(
+        _log.debug(
             "gateway {gateway} announced epoch {epoch} ({protocol})",
-            gateway=self._gateway,
+            gateway=self.gateway,
             epoch=announcement.epoch,
             protocol=announcement.protocol,
         )

@@ -1,9 +1,25 @@
 """
 The port sources that ask the gateway: NAT-PMP and PCP differ on the wire
 but not here.  A protocol supplies a L{Mapper} (its own requests, epoch rule
-and renewal point); L{GatewaySource} does the rest -- gateway discovery, the
-internal port, the lease, announcements, release on exit -- trying the
-protocols in order until one answers.
+and renewal point); L{GatewaySource} does the rest -- the path to the
+gateway, the internal port, the lease, announcements, network changes,
+release on exit -- trying the protocols in order until one answers.
+
+What it guarantees: the port it delivers is one a peer can reach, because
+the mapping's internal port equals its external port (qBittorrent is then
+moved there); a gateway that is silent, refusing or rebooted is asked again
+within L{lease.RETRY_MAX} seconds; a network change re-reads the path and maps
+from the new address.
+
+What NAT-PMP cannot protect against: its replies carry no nonce, so anyone
+who can send from the gateway's address and port 5351 before the gateway
+answers (on the path, or on the same LAN when the gateway is the LAN's) can
+forge a grant.  We bound the damage: a lease is trusted for the lifetime we
+asked for at most (renewals are never stretched), a renewal that moves the
+port is asked again before it is believed, port or lifetime 0 is dropped,
+and announcements cause at most one remap per renewal period.  PCP's MAP
+replies must echo the 12 random bytes of our request's nonce, so an attacker
+who cannot see our requests cannot forge one; one who can still can.
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ from collections.abc import Callable, Sequence
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IListeningPort,
     IReactorMulticast,
     IReactorTime,
@@ -24,9 +41,12 @@ from zope.interface import implementer
 from qbportsync.config import Config
 from qbportsync.interfaces import (
     Forwarded,
+    INetworkEvents,
     IPortSource,
+    NetworkChange,
     Report,
     SourceError,
+    SourceTrouble,
     SourceUnavailable,
 )
 from qbportsync.metrics import Metrics
@@ -35,9 +55,11 @@ from qbportsync.sources.announce import (
     AnnouncementListener,
     listenForAnnouncements,
 )
-from qbportsync.sources.gateway import resolvePath
+from qbportsync.sources.gateway import GatewayPath, resolvePath
 from qbportsync.sources.lease import (
+    RESET_DELAY_MAX,
     EpochTracker,
+    Failed,
     Grant,
     LeaseKeeper,
     MappedPort,
@@ -48,9 +70,12 @@ from qbportsync.sources.mapper import Mapper, MapperContext, MappingMethod
 from qbportsync.sources.natpmpclient import NATPMP
 from qbportsync.sources.pcpclient import PCP
 from qbportsync.sources.udpclient import (
+    GatewayMoves,
+    GatewayRefused,
     GatewayTimeout,
     WrongProtocol,
     closePort,
+    isPathTrouble,
 )
 from qbportsync.sources.wire import EpochSample, IPProto
 
@@ -58,13 +83,22 @@ _log = Logger()
 
 DEFAULT_INTERNAL_PORT = 51413
 """Internal port when config says automatic and qBittorrent cannot tell us."""
+CONVERGE_TRIES = 3
+"""Mappings tried before a gateway that keeps moving the port is given up on."""
+NETWORK_SETTLE = 1.0
+"""Seconds to let a burst of network events (link, address, route) settle."""
+
+
+PathResolver = Callable[[IReactorTime, Config], Deferred[GatewayPath]]
+"""Finds the gateway and our address towards it: L{resolvePath}, or a fake."""
 
 
 @implementer(IPortSource)
 class GatewaySource:
     """
     The forwarded port as a gateway grants it, kept alive.  Tries each of
-    C{protocols} in turn until one answers, then speaks only that one.
+    C{methods} in turn until one answers, then speaks only that one (until
+    the gateway changes).
     """
 
     def __init__(
@@ -73,36 +107,45 @@ class GatewaySource:
         config: Config,
         metrics: Metrics,
         sinkPort: Callable[[], Deferred[int]],
-        protocols: Sequence[MappingMethod],
+        methods: Sequence[MappingMethod],
         *,
+        networkEvents: INetworkEvents | None = None,
+        resolvePath: PathResolver = resolvePath,
         random: Callable[[], float] = random.random,
     ) -> None:
         self._reactor = reactor
         self._config = config
         self._metrics = metrics
         self._sinkPort = sinkPort
-        self._protocols = protocols
-        self._index = 0
-        self._protocolChosen = False
-        self._fallback = ""
+        self._methods = methods
+        self._networkEvents = networkEvents
+        self._resolvePath = resolvePath
         self._random = random
+        self._index = 0
+        self._methodChosen = False
+        self._fallback = ""
         self._internalPort: int | None = None
-        self._granted: dict[IPProto, int] = {}
+        self._granted: dict[IPProto, Grant] = {}
         self._lastPort: int | None = None
         self._epochs = EpochTracker(self._isEpochReset)
         self._externalAddress: str | None = None
+        self._nonces: dict[tuple[str, IPProto, int], bytes] = {}
         self._mapper: Mapper | None = None
-        self._gateway = ""
-        self._bindAddress = ""
-        self._ports: list[IListeningPort] = []
-        self._listening = False
+        self._path: GatewayPath | None = None
+        self._announcePort: IListeningPort | None = None
+        self._listener: AnnouncementListener | None = None
         self._keeper: LeaseKeeper | None = None
-        self._deliver: Report = lambda forwarded: None
+        self._deliver: Report = lambda seen: None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._networkTimer: IDelayedCall | None = None
+        self._probing = False
+        self._lastAnnouncedRemap: float | None = None
+        self._ignoredAnnouncements = 0
 
     @property
     def name(self) -> str:
         """The protocol spoken now (or about to be tried)."""
-        return self._protocols[self._index].name
+        return self._methods[self._index].name
 
     def start(self, deliver: Report) -> None:
         self._deliver = deliver
@@ -110,11 +153,13 @@ class GatewaySource:
             self._reactor,
             lambda: Deferred.fromCoroutine(self._remap()),
             self._mapped,
-            fallbackRefresh=self._config.portmap.refresh_secs,
+            self._failed,
+            refreshCap=self._config.portmap.refresh_secs,
             random=self._random,
             renewAt=self._renewAt,
-            name=self.name,
         )
+        if self._networkEvents is not None:
+            self._unsubscribe = self._networkEvents.subscribe(self._networkChanged)
         self._keeper.start()
 
     def stop(self) -> Deferred[None]:
@@ -124,28 +169,29 @@ class GatewaySource:
         return Deferred.fromCoroutine(self._fetchOnce())
 
     async def _fetchOnce(self) -> Forwarded:
-        # Not "finally": a coroutine closed unfinished must not await.
         try:
-            mapped = await self._negotiate()
-        except Exception:
+            mapped = await self._remap()
+        except (SourceError, SourceUnavailable, OSError) as e:
             await self._closeMapper()
+            if isinstance(e, OSError):
+                raise SourceError(f"cannot talk to the gateway: {e}") from e
             raise
         await self._closeMapper()
         return self._forwarded(mapped)
 
     async def _remap(self) -> MappedPort:
-        return await self._negotiate()
-
-    async def _negotiate(self) -> MappedPort:
         while True:
+            if self._mapper is not None and not self._mapper.alive:
+                # The reactor closed it (ICMP): a new socket next time.
+                self._mapper = None
             # The gateway first: a configuration that names none fails at
             # once, before qBittorrent is asked for its port.
             mapper = self._mapper or await self._open()
             await self._chooseInternalPort()
             try:
-                mapped = await self._mapAll(mapper)
+                return await self._mapConverged(mapper)
             except (WrongProtocol, GatewayTimeout) as e:
-                if self._protocolChosen or self._index + 1 == len(self._protocols):
+                if self._methodChosen or self._index + 1 == len(self._methods):
                     raise
                 tried = self.name
                 await self._closeMapper()
@@ -157,35 +203,36 @@ class GatewaySource:
                     error=e,
                     protocol=self.name,
                 )
-                continue
-            self._protocolChosen = True
-            return mapped
 
     async def _open(self) -> Mapper:
-        path = await resolvePath(self._reactor, self._config)
-        _log.debug(
-            "asking gateway {gateway} from {source} ({route})",
-            gateway=path.gateway,
-            source=path.source or "any address",
-            route=path.route,
-        )
-        self._gateway = path.gateway
-        self._bindAddress = path.source
-        self._epochs = EpochTracker(self._isEpochReset)
-        self._mapper = self._protocols[self._index].open(
+        path = await self._resolvePath(self._reactor, self._config)
+        if self._path is not None and path.gateway != self._path.gateway:
+            # Another gateway may speak another protocol: ask in order again.
+            self._index, self._methodChosen, self._fallback = 0, False, ""
+            self._epochs = EpochTracker(self._isEpochReset)
+        if self._path != path:
+            _log.info(
+                "asking gateway {gateway} from {source} ({route})",
+                gateway=path.gateway,
+                source=path.source or "any address",
+                route=path.route,
+            )
+        self._path = path
+        self._mapper = self._methods[self._index].open(
             MapperContext(
                 self._reactor,
-                self._gateway,
-                self._bindAddress,
+                path.gateway,
+                path.source,
                 self._metrics,
                 self._random,
                 self._epochSeen,
+                self._announcedEpoch,
                 self._changed,
+                self._nonces,
             )
         )
-        if self._keeper is not None and not self._listening:
-            self._listening = True
-            self._listenForAnnouncements(self._gateway)
+        if self._keeper is not None:
+            self._listenForAnnouncements(path)
         return self._mapper
 
     async def _closeMapper(self) -> None:
@@ -193,25 +240,41 @@ class GatewaySource:
         if mapper is not None:
             await mapper.close()
 
-    def _listenForAnnouncements(self, gateway: str) -> None:
-        listener = AnnouncementListener(
-            gateway,
+    def _dropMapper(self) -> None:
+        """Close the socket now; the next try opens one on a fresh path."""
+        d = Deferred.fromCoroutine(self._closeMapper())
+        d.addErrback(lambda f: _log.failure("closing the gateway socket", failure=f))
+
+    def _listenForAnnouncements(self, path: GatewayPath) -> None:
+        if self._listener is not None and self._listener.gateway == path.gateway:
+            return
+        self._closeAnnouncements()
+        self._listener = AnnouncementListener(
+            path.gateway,
             self._announced,
             self._metrics,
-            self._bindAddress,
+            path.source,
             onOther=self._heard,
         )
         try:
             transport = listenForAnnouncements(
-                IReactorMulticast(self._reactor), listener
+                IReactorMulticast(self._reactor), self._listener
             )
-            self._ports.append(IListeningPort(transport))
         except CannotListenError as e:
             _log.warn(
                 "cannot hear gateway announcements ({error}); gateway reboots "
                 "will be noticed at the next renewal",
                 error=e,
             )
+            return
+        self._announcePort = IListeningPort(transport)
+
+    def _closeAnnouncements(self) -> None:
+        port, self._announcePort = self._announcePort, None
+        self._listener = None
+        if port is not None:
+            d = Deferred.fromCoroutine(closePort(port))
+            d.addErrback(lambda f: _log.failure("closing port 5350", failure=f))
 
     def _heard(self, datagram: bytes) -> None:
         if self._mapper is not None:
@@ -249,39 +312,112 @@ class GatewaySource:
     def _suggest(self, protocol: IPProto) -> int:
         # First request suggests external = internal; renewals the last grant.
         assert self._internalPort is not None
-        return self._granted.get(protocol, self._internalPort)
+        held = self._granted.get(protocol)
+        return self._internalPort if held is None else held.externalPort
 
-    async def _mapAll(self, mapper: Mapper) -> MappedPort:
-        return await mapProtocols(
-            lambda protocol, suggested: Deferred.fromCoroutine(
-                self._mapOne(mapper, protocol, suggested)
-            ),
-            self._config.portmap.protocol,
-            self._suggest,
-            self._metrics,
+    async def _mapConverged(self, mapper: Mapper) -> MappedPort:
+        """
+        Map; when the gateway forwards external X to another internal port,
+        release that and map X to X, so that qBittorrent, moved to X, is
+        where the traffic lands.  A gateway that forwards X to X whatever we
+        ask (ProtonVPN) converges at the first remap.
+        """
+        for _ in range(CONVERGE_TRIES):
+            mapped = await mapProtocols(
+                lambda protocol, suggested: Deferred.fromCoroutine(
+                    self._mapOne(mapper, protocol, suggested)
+                ),
+                self._config.portmap.protocol,
+                self._suggest,
+                self._config.portmap.lifetime_secs,
+                self._metrics,
+                probeFirst=self._probing,
+            )
+            self._methodChosen = True
+            assert self._internalPort is not None
+            if mapped.port == self._internalPort:
+                return mapped
+            _log.info(
+                "gateway forwards external port {external} to internal port "
+                "{internal}; mapping {external} to {external} instead",
+                external=mapped.port,
+                internal=self._internalPort,
+            )
+            await self._releaseAll(mapper)
+            self._internalPort = mapped.port
+        await self._releaseAll(mapper)
+        gateway = "" if self._path is None else f" {self._path.gateway}"
+        raise GatewayMoves(
+            f"gateway{gateway} never forwarded an external port to the same "
+            f"internal port in {CONVERGE_TRIES} tries, so no peer could reach "
+            "qBittorrent; check the gateway's allowed port ranges"
         )
 
     async def _mapOne(self, mapper: Mapper, protocol: IPProto, suggested: int) -> Grant:
         assert self._internalPort is not None
+        internal = self._internalPort
+        asked = self._config.portmap.lifetime_secs
         try:
             grant = await mapper.mapOne(
-                protocol,
-                self._internalPort,
-                suggested,
-                self._config.portmap.lifetime_secs,
+                protocol, internal, suggested, asked, probing=self._probing
             )
+            self._probing = False
+            held = self._granted.get(protocol)
+            if (
+                held is not None
+                and held.internalPort == internal
+                and grant.externalPort not in (held.externalPort, suggested)
+            ):
+                grant = await self._confirm(mapper, held, grant)
         except (SourceError, SourceUnavailable):
             self._metrics.errors.labels(kind="gateway").inc()
             raise
-        self._granted[protocol] = grant.externalPort
+        self._granted[protocol] = grant
         return grant
 
+    async def _confirm(self, mapper: Mapper, held: Grant, moved: Grant) -> Grant:
+        """A renewal moved the port: believe it only if asking again agrees."""
+        _log.info(
+            "gateway moved our {protocol} mapping from port {old} to {new} "
+            "on a renewal; asking again before believing it",
+            protocol=held.protocol,
+            old=held.externalPort,
+            new=moved.externalPort,
+        )
+        again = await mapper.mapOne(
+            held.protocol,
+            held.internalPort,
+            held.externalPort,
+            self._config.portmap.lifetime_secs,
+        )
+        if again.externalPort != moved.externalPort:
+            self._metrics.errors.labels(kind="gateway").inc()
+            _log.warn(
+                "gateway answered port {moved}, then {again}, for our {protocol} "
+                "mapping; keeping {again}",
+                moved=moved.externalPort,
+                again=again.externalPort,
+                protocol=held.protocol,
+            )
+        return again
+
+    async def _releaseAll(self, mapper: Mapper) -> None:
+        assert self._internalPort is not None
+        granted, self._granted = self._granted, {}
+        for protocol in granted:
+            try:
+                await mapper.release(protocol, self._internalPort)
+            except (SourceError, SourceUnavailable) as e:
+                _log.debug(
+                    "could not delete our {protocol} mapping: {error}",
+                    protocol=protocol,
+                    error=e,
+                )
+
     def _forwarded(self, mapped: MappedPort) -> Forwarded:
-        now = self._reactor.seconds()
-        expires = now + mapped.lifetime if mapped.lifetime else None
+        expires = self._reactor.seconds() + mapped.lifetime
         self._metrics.forwarded_port.set(mapped.port)
-        if expires is not None:
-            self._metrics.lease_expiry.set(expires)
+        self._metrics.lease_expiry.set(expires)
         note = "; ".join(n for n in (f"ttl={mapped.lifetime}s", self._fallback) if n)
         return Forwarded(mapped.port, self.name, note=note, expires=expires)
 
@@ -298,7 +434,65 @@ class GatewaySource:
         )
         self._deliver(self._forwarded(mapped))
 
+    def _failed(self, failed: Failed) -> None:
+        if isPathTrouble(failed.error):
+            # Silence, refusal or a send error: the route, the gateway or
+            # our address may have changed; look again at the next try.
+            self._dropMapper()
+        # While the gateway is away, ask with single datagrams, 8 s apart.
+        self._probing = isinstance(failed.error, GatewayTimeout | GatewayRefused)
+        if not self._methodChosen:
+            # Never answered: the next try asks in every protocol again.
+            self._index, self._fallback = 0, ""
+        cause = f"{self.name}: {failed.error}"
+        if failed.leaseLeft > 0 and not failed.permanent:
+            _log.info(
+                "{cause}; trying again in {delay:.1f}s, the lease ends in {left:.0f}s",
+                cause=cause,
+                delay=failed.retryIn,
+                left=failed.leaseLeft,
+            )
+            return
+        _log.debug(
+            "{cause}; trying again in {delay:.1f}s", cause=cause, delay=failed.retryIn
+        )
+        self._deliver(SourceTrouble(cause, "gateway", failed.permanent))
+
+    def _networkChanged(self, change: NetworkChange) -> None:
+        if self._keeper is None or self._networkTimer is not None:
+            return
+        self._networkTimer = self._reactor.callLater(
+            NETWORK_SETTLE, self._networkSettled
+        )
+
+    def _networkSettled(self) -> None:
+        self._networkTimer = None
+        d = Deferred.fromCoroutine(self._recheckPath())
+        d.addErrback(lambda f: _log.failure("after a network change", failure=f))
+
+    async def _recheckPath(self) -> None:
+        keeper = self._keeper
+        if keeper is None:
+            return
+        try:
+            path: GatewayPath | None = await self._resolvePath(
+                self._reactor, self._config
+            )
+        except (SourceError, SourceUnavailable, OSError) as e:
+            _log.debug("no path to a gateway yet: {error}", error=e)
+            path = None
+        if path is not None and path == self._path and not keeper.failing:
+            return
+        _log.info(
+            "the network changed; asking the gateway again{where}",
+            where="" if path is None else f" ({path.gateway} from {path.source})",
+        )
+        keeper.cancel()
+        await self._closeMapper()
+        keeper.retryNow()
+
     def _epochSeen(self, epoch: int) -> None:
+        """An epoch in an answer to us: a reset remaps once the try ends."""
         if self._epochs.observe(epoch, self._reactor.seconds()):
             self._metrics.epoch_resets.inc()
             _log.warn(
@@ -307,35 +501,82 @@ class GatewaySource:
                 epoch=epoch,
             )
             if self._keeper is not None:
-                self._keeper.gatewayReset()
+                self._keeper.againAfter()
+
+    def _announcedEpoch(self, epoch: int) -> None:
+        reset = self._epochs.contradicts(epoch, self._reactor.seconds())
+        self._announcementSays(
+            "the gateway restarted" if reset else "the gateway announced itself",
+            remap=reset,
+            reset=reset,
+        )
 
     def _changed(self) -> None:
-        if self._keeper is not None:
-            self._keeper.gatewayReset()
+        self._announcementSays(
+            "the gateway changed our mapping unasked", remap=True, reset=False
+        )
 
     def _announced(self, announcement: Announcement) -> None:
-        self._epochSeen(announcement.epoch)
+        reset = self._epochs.contradicts(announcement.epoch, self._reactor.seconds())
         address = announcement.externalAddress
-        if address is None:
+        moved = False
+        if address is not None:
+            previous, self._externalAddress = self._externalAddress, address
+            moved = previous is not None and previous != address
+        if moved:
+            what = f"the gateway's external address changed to {address}"
+        elif reset:
+            what = "the gateway restarted"
+        else:
+            what = "the gateway announced itself"
+        self._announcementSays(what, remap=reset or moved, reset=reset)
+
+    def _announcementSays(self, what: str, *, remap: bool, reset: bool) -> None:
+        """
+        Act on what the gateway said unasked -- a forger may say it too: a
+        remap after RFC 6886's random 0-5 s, at most once per renewal period.
+        """
+        keeper = self._keeper
+        if keeper is None or not (remap or keeper.failing):
             return
-        previous, self._externalAddress = self._externalAddress, address
-        if previous is not None and previous != address and self._keeper is not None:
-            _log.warn(
-                "the gateway's external address changed from {old} to {new}",
-                old=previous,
-                new=address,
-            )
-            self._keeper.gatewayReset()
+        now = self._reactor.seconds()
+        period = keeper.renewalPeriod or halfLifetime(
+            self._config.portmap.lifetime_secs
+        )
+        last = self._lastAnnouncedRemap
+        if last is not None and now < last + period:
+            self._ignoredAnnouncements += 1
+            self._metrics.datagrams_dropped.labels(reason="ratelimit").inc()
+            _log.debug("{what}; a remap was done lately, ignored", what=what)
+            return
+        self._lastAnnouncedRemap = now
+        if reset:
+            self._metrics.epoch_resets.inc()
+        delay = self._random() * RESET_DELAY_MAX
+        ignored, self._ignoredAnnouncements = self._ignoredAnnouncements, 0
+        _log.info(
+            "{what}; mapping again in {delay:.1f}s{more}",
+            what=what,
+            delay=delay,
+            more=f" ({ignored} more announcements ignored before)" if ignored else "",
+        )
+        keeper.remapSoon(delay)
 
     async def _stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._networkTimer is not None and self._networkTimer.active():
+            self._networkTimer.cancel()
+        self._networkTimer = None
         if self._keeper is not None:
             self._keeper.stop()
         mapper = self._mapper
         if self._config.portmap.release_on_exit and mapper is not None:
             await self._release(mapper)
         await self._closeMapper()
-        ports, self._ports, self._listening = self._ports, [], False
-        for port in ports:
+        port, self._announcePort, self._listener = self._announcePort, None, None
+        if port is not None:
             await closePort(port)
 
     async def _release(self, mapper: Mapper) -> None:
@@ -364,9 +605,20 @@ class NATPMPSource(GatewaySource):
         metrics: Metrics,
         sinkPort: Callable[[], Deferred[int]],
         *,
+        networkEvents: INetworkEvents | None = None,
+        resolvePath: PathResolver = resolvePath,
         random: Callable[[], float] = random.random,
     ) -> None:
-        super().__init__(reactor, config, metrics, sinkPort, [NATPMP], random=random)
+        super().__init__(
+            reactor,
+            config,
+            metrics,
+            sinkPort,
+            [NATPMP],
+            networkEvents=networkEvents,
+            resolvePath=resolvePath,
+            random=random,
+        )
 
 
 class PCPSource(GatewaySource):
@@ -382,8 +634,17 @@ class PCPSource(GatewaySource):
         metrics: Metrics,
         sinkPort: Callable[[], Deferred[int]],
         *,
+        networkEvents: INetworkEvents | None = None,
+        resolvePath: PathResolver = resolvePath,
         random: Callable[[], float] = random.random,
     ) -> None:
         super().__init__(
-            reactor, config, metrics, sinkPort, [PCP, NATPMP], random=random
+            reactor,
+            config,
+            metrics,
+            sinkPort,
+            [PCP, NATPMP],
+            networkEvents=networkEvents,
+            resolvePath=resolvePath,
+            random=random,
         )

@@ -1,7 +1,8 @@
 """
 Keeping a gateway's port mapping alive, for either mapping protocol: map TCP
-and UDP to one port, renew before the lease ends, retry quickly, and remap
-everything when the gateway's epoch says it forgot us.
+and UDP to one port, renew before the lease we asked for ends, retry within
+seconds while the gateway is away, slowly when only a person can help, and
+remap everything when the gateway's epoch says it forgot us.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from attrs import frozen
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import (
     IDelayedCall,
     IReactorTime,
@@ -20,7 +21,12 @@ from twisted.python.failure import Failure
 from qbportsync.backoff import Backoff
 from qbportsync.config import Protocol as MappedProtocols
 from qbportsync.metrics import Metrics
-from qbportsync.sources.udpclient import GatewayRefusal
+from qbportsync.sources.udpclient import (
+    RETRANSMIT_CAP,
+    GatewayRefusal,
+    GatewayTimeout,
+    isPermanent,
+)
 from qbportsync.sources.wire import EpochSample, IPProto
 
 _log = Logger()
@@ -28,7 +34,14 @@ _log = Logger()
 RESET_DELAY_MAX = 5.0
 """Seconds; a random wait up to this spreads remaps after a reboot (RFC 6886 §3.7)."""
 RETRY_FIRST = 1.0
-RETRY_MAX = 15.0
+RETRY_MAX = RETRANSMIT_CAP
+"""
+Seconds; the longest wait between tries while the gateway is silent or
+refusing, so that it is asked again within seconds of its return.
+"""
+PERMANENT_FIRST = 60.0
+PERMANENT_MAX = 900.0
+"""Seconds; how rarely an error only a person can fix is retried."""
 
 
 @frozen
@@ -39,7 +52,7 @@ class Grant:
     internalPort: int
     externalPort: int
     lifetime: int
-    """Seconds; 0 when the gateway gave none."""
+    """Seconds, as granted: never 0 (the clients drop such answers)."""
 
 
 @frozen
@@ -48,6 +61,7 @@ class MappedPort:
 
     port: int
     lifetime: int
+    """Seconds we trust the mapping for: the shortest grant, at most as asked."""
     grants: tuple[Grant, ...]
 
 
@@ -59,18 +73,24 @@ async def mapProtocols(
     mapOne: MapOne,
     protocol: MappedProtocols,
     suggest: Callable[[IPProto], int],
+    asked: int,
     metrics: Metrics,
+    *,
+    probeFirst: bool = False,
 ) -> MappedPort:
     """
-    Map one or both transports.  qBittorrent listens on one port for both,
-    so when the grants differ, ask UDP again for TCP's port; if the gateway
-    still disagrees, TCP wins (peers connect over TCP first).
+    Map one or both transports, both at once.  qBittorrent listens on one
+    port for both, so when the grants differ, ask UDP again for TCP's port;
+    if the gateway still disagrees, TCP wins (peers connect over TCP first).
+    A lifetime longer than C{asked} is not believed.  With C{probeFirst}
+    (the gateway was away) TCP alone is asked until the gateway answers.
     """
     if protocol != "BOTH":
         grant = await mapOne(protocol, suggest(protocol))
-        return MappedPort(grant.externalPort, grant.lifetime, (grant,))
-    udp = await mapOne("UDP", suggest("UDP"))
-    tcp = await mapOne("TCP", suggest("TCP"))
+        return MappedPort(grant.externalPort, min(asked, grant.lifetime), (grant,))
+    if probeFirst:
+        await mapOne("TCP", suggest("TCP"))
+    udp, tcp = await _together(mapOne, suggest)
     if udp.externalPort != tcp.externalPort:
         _log.info(
             "gateway granted UDP {udp} but TCP {tcp}; asking UDP for {tcp}",
@@ -86,7 +106,23 @@ async def mapProtocols(
                 udp=udp.externalPort,
                 tcp=tcp.externalPort,
             )
-    return MappedPort(tcp.externalPort, min(udp.lifetime, tcp.lifetime), (udp, tcp))
+    lifetime = min(asked, udp.lifetime, tcp.lifetime)
+    return MappedPort(tcp.externalPort, lifetime, (udp, tcp))
+
+
+async def _together(
+    mapOne: MapOne, suggest: Callable[[IPProto], int]
+) -> tuple[Grant, Grant]:
+    """UDP and TCP asked side by side: one slow answer never holds up the other."""
+    udp = mapOne("UDP", suggest("UDP"))
+    tcp = mapOne("TCP", suggest("TCP"))
+    try:
+        first, second = await gatherResults([udp, tcp], consumeErrors=True)
+    except FirstError as e:
+        udp.cancel()
+        tcp.cancel()
+        e.subFailure.raiseException()
+    return first, second
 
 
 EpochRule = Callable[[EpochSample, EpochSample], bool]
@@ -106,16 +142,39 @@ class EpochTracker:
         last, self._last = self._last, sample
         return last is not None and self._isReset(last, sample)
 
+    def contradicts(self, epoch: int, at: float) -> bool:
+        """
+        True when an unasked report shows a reset; it is not recorded, so a
+        forged one cannot make the next true answer look like a reset.
+        """
+        return self._last is not None and self._isReset(
+            self._last, EpochSample(epoch, at)
+        )
+
 
 def halfLifetime(lifetime: float) -> float:
     return lifetime / 2
 
 
+@frozen
+class Failed:
+    """One failed try, as the keeper judged it."""
+
+    error: BaseException
+    permanent: bool
+    """Only a person (or a network change) can fix it."""
+    leaseLeft: float
+    """Seconds the last mapping still holds; 0 when it ran out or never was."""
+    retryIn: float
+
+
 class LeaseKeeper:
     """
-    Map, then renew at C{renewAt(lifetime)}; on failure retry after the
-    L{Backoff}'s 1, 2, 4… seconds (at most 15, and never past the end of the
-    current lease); on a gateway reset, remap after a random 0–5 s.
+    Map, then renew at C{renewAt(lifetime)} (at most C{refreshCap} apart).
+    On failure retry on a L{Backoff}: 1, 2, 4 up to 8 s while the gateway is
+    silent or refusing (counting a silence already waited, and never past the
+    end of the current lease), 1 to 15 minutes for errors only a person can
+    fix.  L{remapSoon} and L{retryNow} cut any wait.
     """
 
     def __init__(
@@ -123,25 +182,29 @@ class LeaseKeeper:
         reactor: IReactorTime,
         remap: Callable[[], Deferred[MappedPort]],
         onMapped: Callable[[MappedPort], object],
+        onFailed: Callable[[Failed], object],
         *,
-        fallbackRefresh: float,
+        refreshCap: float,
         random: Callable[[], float],
         renewAt: Callable[[float], float] = halfLifetime,
-        name: str,
     ) -> None:
         self._reactor = reactor
         self._remap = remap
         self._onMapped = onMapped
-        self._fallbackRefresh = fallbackRefresh
-        self._random = random
+        self._onFailed = onFailed
+        self._refreshCap = refreshCap
         self._renewAt = renewAt
-        self._name = name
         self._timer: IDelayedCall | None = None
-        self._resetPending = False
+        self._soon = False
         self._inFlight: Deferred[MappedPort] | None = None
         self._again = False
-        self._backoff = Backoff(RETRY_FIRST, RETRY_MAX, rnd=random)
+        self._quick = Backoff(RETRY_FIRST, RETRY_MAX, rnd=random)
+        self._slow = Backoff(PERMANENT_FIRST, PERMANENT_MAX, rnd=random)
         self._running = False
+        self.failing = False
+        """The last try failed: the source has no port it can vouch for."""
+        self.renewalPeriod: float | None = None
+        """Seconds between renewals of the current lease; None before one."""
         self.expires: float | None = None
         """Our clock's time when the current lease ends; None before the first."""
 
@@ -153,42 +216,60 @@ class LeaseKeeper:
     def stop(self) -> None:
         """Cancel the timer and any request in flight."""
         self._running = False
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Cancel the timer and any request in flight; nothing runs until told."""
         self._cancelTimer()
+        self._again = False
         if self._inFlight is not None:
             self._inFlight.cancel()
 
-    def gatewayReset(self) -> None:
-        """The gateway lost its mappings: remap soon, once, whatever was planned."""
-        if not self._running or self._resetPending:
+    def remapSoon(self, delay: float) -> None:
+        """Remap after C{delay} s, once, cutting any longer wait or request."""
+        if not self._running or self._soon:
             return
         self._cancelTimer()
-        self._resetPending = True
-        delay = self._random() * RESET_DELAY_MAX
-        _log.info(
-            "{source}: the gateway lost its mappings; mapping again in {delay:.1f}s",
-            source=self._name,
-            delay=delay,
-        )
+        self._soon = True
         self._timer = self._reactor.callLater(delay, self._run)
+
+    def retryNow(self) -> None:
+        """Something changed (the network): forget the backoff and try at once."""
+        if not self._running:
+            return
+        self._quick.reset()
+        self._slow.reset()
+        self._cancelTimer()
+        self._run()
+
+    def againAfter(self) -> None:
+        """Map once more as soon as the try in flight ends (or now, if none)."""
+        if self._inFlight is not None:
+            self._again = True
+        elif self._running:
+            self._cancelTimer()
+            self._run()
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self._resetPending = False
+        self._soon = False
 
     def _run(self) -> None:
         self._timer = None
-        self._resetPending = False
+        self._soon = False
         if self._inFlight is not None:
+            # A fresh try replaces one that may be waiting out a long silence.
             self._again = True
+            self._inFlight.cancel()
             return
         d = self._inFlight = self._remap()
         d.addCallbacks(self._mapped, self._failed)
-        d.addErrback(lambda f: _log.failure("handling a new mapping failed", failure=f))
-        d.addBoth(self._requestDone)
+        d.addErrback(lambda f: _log.failure("handling a mapping failed", failure=f))
+        d.addBoth(self._tryDone)
 
-    def _requestDone(self, result: object) -> None:
+    def _tryDone(self, result: object) -> None:
         self._inFlight = None
         if self._again and self._running:
             self._again = False
@@ -197,34 +278,35 @@ class LeaseKeeper:
 
     def _mapped(self, mapped: MappedPort) -> None:
         now = self._reactor.seconds()
-        self._backoff.reset()
-        if mapped.lifetime > 0:
-            self.expires = now + mapped.lifetime
-            delay = self._renewAt(mapped.lifetime)
-        else:
-            self.expires = None
-            delay = self._fallbackRefresh
+        self._quick.reset()
+        self._slow.reset()
+        self.failing = False
+        self.expires = now + mapped.lifetime
+        self.renewalPeriod = min(self._renewAt(mapped.lifetime), self._refreshCap)
         if self._running and self._timer is None:
-            self._timer = self._reactor.callLater(delay, self._run)
+            self._timer = self._reactor.callLater(self.renewalPeriod, self._run)
         self._onMapped(mapped)
 
     def _failed(self, failure: Failure) -> None:
         if failure.check(CancelledError) or not self._running:
             return
-        delay = self._backoff.next()
-        left = None if self.expires is None else self.expires - self._reactor.seconds()
-        if left is not None and left > 0:
+        error = failure.value
+        assert error is not None
+        permanent = isPermanent(error)
+        if permanent:
+            delay = self._slow.next()
+        else:
+            delay = self._quick.next()
+            if isinstance(error, GatewayTimeout):
+                # The request's own last wait was a silence already sat out.
+                delay = max(0.0, delay - error.silentFor)
+        now = self._reactor.seconds()
+        left = 0.0 if self.expires is None else max(0.0, self.expires - now)
+        if left > 0:
             delay = min(delay, left)
-        if isinstance(failure.value, GatewayRefusal):
-            delay = max(delay, failure.value.retryAfter)
-        _log.warn(
-            "{source}: mapping failed ({error}); try {attempt} in {delay:.1f}s, "
-            "lease {lease}",
-            source=self._name,
-            error=failure.getErrorMessage(),
-            attempt=self._backoff.failures + 1,
-            delay=delay,
-            lease="expired" if left is None or left <= 0 else f"ends in {left:.0f}s",
-        )
+        if isinstance(error, GatewayRefusal):
+            delay = max(delay, error.retryAfter)
+        self.failing = left == 0 or permanent
         if self._timer is None:
             self._timer = self._reactor.callLater(delay, self._run)
+        self._onFailed(Failed(error, permanent, left, delay))

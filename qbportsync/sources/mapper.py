@@ -6,7 +6,7 @@ L{MappingMethod} names a protocol and opens its mappers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Protocol
 
 from attrs import frozen
@@ -28,9 +28,17 @@ class MapperContext:
     metrics: Metrics
     random: Callable[[], float]
     onEpoch: Callable[[int], object]
-    """Every epoch the gateway reports, for the source's epoch rule."""
+    """Every epoch the gateway reports in answer to us, for the epoch rule."""
+    onAnnounce: Callable[[int], object]
+    """The gateway announced, unasked, its epoch (PCP ANNOUNCE, RFC 6887 §14.1)."""
     onChange: Callable[[], object]
     """The gateway said, unasked, that one of our mappings changed."""
+    nonces: MutableMapping[tuple[str, IPProto, int], bytes]
+    """
+    PCP's nonce for each (client address, protocol, internal port): kept by
+    the source so that a new socket from the same address renews the
+    mapping it made rather than being refused as a stranger (RFC 6887 §11.3).
+    """
 
 
 class Mapper(Protocol):
@@ -40,9 +48,19 @@ class Mapper(Protocol):
     """Short name for logs and JSON: "natpmp", "pcp"."""
 
     def mapOne(
-        self, protocol: IPProto, internalPort: int, suggested: int, lifetime: int
+        self,
+        protocol: IPProto,
+        internalPort: int,
+        suggested: int,
+        lifetime: int,
+        *,
+        probing: bool = False,
     ) -> Deferred[Grant]:
-        """Create or renew a mapping; fails with SourceError/SourceUnavailable."""
+        """
+        Create or renew a mapping; fails with SourceError/SourceUnavailable.
+        C{probing}: the gateway has been silent, so send once every
+        L{RETRANSMIT_CAP} seconds rather than in a quick burst.
+        """
 
     def release(self, protocol: IPProto, internalPort: int) -> Deferred[None]:
         """Delete the mapping, trying only briefly."""
@@ -55,6 +73,10 @@ class Mapper(Protocol):
 
     def heard(self, datagram: bytes) -> None:
         """A datagram from the gateway on the announcement port, not an announcement."""
+
+    @property
+    def alive(self) -> bool:
+        """False once the socket closed, by us or by the reactor."""
 
     def close(self) -> Deferred[None]:
         """Close the socket, cancelling every request."""

@@ -11,7 +11,6 @@ from collections.abc import Hashable
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IReactorUDP
 
-from qbportsync.interfaces import SourceError, SourceUnavailable
 from qbportsync.sources.lease import Grant
 from qbportsync.sources.mapper import MapperContext, MappingMethod
 from qbportsync.sources.natpmp import (
@@ -30,7 +29,10 @@ from qbportsync.sources.natpmp import (
     requestOpcode,
 )
 from qbportsync.sources.udpclient import (
+    RETRANSMIT_CAP,
     GatewayClient,
+    GatewayRefusal,
+    GatewayUnsupported,
     WrongProtocol,
     closePort,
 )
@@ -45,6 +47,13 @@ from qbportsync.sources.wire import (
 TRIES = 9
 RETRY_INITIAL = 0.25
 """Seconds before the first retransmission; doubles each time (§3.1)."""
+RETRY_WAITS = [min(RETRY_INITIAL * 2**n, RETRANSMIT_CAP) for n in range(TRIES)]
+"""
+§3.1's nine sends, 250 ms apart and doubling, but never more than
+L{RETRANSMIT_CAP} apart: 39.75 s in all rather than 127.75 s.
+"""
+PROBE_WAITS = [RETRANSMIT_CAP] * 5
+"""While the gateway is away: one send every 8 s, given up after 40 s."""
 RELEASE_TRIES = 3
 """Deleting on exit must not hold up a stop for two minutes."""
 
@@ -77,7 +86,7 @@ class NATPMPClient(GatewayClient[Request, Response]):
         code, or fails with L{GatewayTimeout}, L{GatewayRefused} or
         L{SourceError}.
         """
-        return self.send(request, [RETRY_INITIAL * 2**n for n in range(tries)])
+        return self.send(request, RETRY_WAITS[:tries])
 
     def keyOf(self, request: Request) -> Hashable:
         # A mapping is named by its protocol and internal port (§3.3).
@@ -103,6 +112,19 @@ class NATPMPClient(GatewayClient[Request, Response]):
             error, UnknownResult
         ) and error.opcode == RESPONSE_BIT | requestOpcode(request)
 
+    def invalid(self, request: Request, response: Response) -> str | None:
+        # Port 0 or lifetime 0 granted to a mapping we asked to keep: a
+        # gateway bug or a forgery, never something to pass on.
+        if (
+            isinstance(request, MapRequest)
+            and request.lifetime > 0
+            and isinstance(response, MapResponse)
+            and response.result == Result.SUCCESS
+            and (response.externalPort == 0 or response.lifetime == 0)
+        ):
+            return "zero"
+        return None
+
 
 def _grantOrRaise(gateway: str, response: Response) -> MapResponse:
     """A successful map response, or the exception its result code means."""
@@ -112,10 +134,10 @@ def _grantOrRaise(gateway: str, response: Response) -> MapResponse:
         )
     if isinstance(response, MapResponse) and response.result == Result.SUCCESS:
         return response
-    message = f"gateway {gateway} answered {response.result.value}"
+    message = f"gateway {gateway} answered NAT-PMP with {response.result.value}"
     if response.result.unsupported:
-        raise SourceUnavailable(message)
-    raise SourceError(message)
+        raise GatewayUnsupported(message)
+    raise GatewayRefusal(message, response.result)
 
 
 class NATPMPMapper:
@@ -132,15 +154,21 @@ class NATPMPMapper:
         )
 
     def mapOne(
-        self, protocol: IPProto, internalPort: int, suggested: int, lifetime: int
+        self,
+        protocol: IPProto,
+        internalPort: int,
+        suggested: int,
+        lifetime: int,
+        *,
+        probing: bool = False,
     ) -> Deferred[Grant]:
-        return Deferred.fromCoroutine(
-            self._mapOne(MapRequest(protocol, internalPort, suggested, lifetime))
-        )
+        request = MapRequest(protocol, internalPort, suggested, lifetime)
+        waits = PROBE_WAITS if probing else RETRY_WAITS
+        return Deferred.fromCoroutine(self._mapOne(request, waits))
 
-    async def _mapOne(self, request: MapRequest) -> Grant:
+    async def _mapOne(self, request: MapRequest, waits: list[float]) -> Grant:
         response = _grantOrRaise(
-            self.client.gateway, await self.client.request(request)
+            self.client.gateway, await self.client.send(request, waits)
         )
         return Grant(
             response.protocol,
@@ -165,7 +193,12 @@ class NATPMPMapper:
     def heard(self, datagram: bytes) -> None:
         """NAT-PMP has nothing but announcements on that port."""
 
+    @property
+    def alive(self) -> bool:
+        return not self.client.closed
+
     def close(self) -> Deferred[None]:
+        self.client.abandon()
         return Deferred.fromCoroutine(closePort(self._port))
 
 

@@ -7,15 +7,15 @@ into L{Grant}s for the gateway source.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IReactorUDP
 from twisted.logger import Logger
 
-from qbportsync.interfaces import SourceUnavailable
 from qbportsync.metrics import Metrics
 from qbportsync.sources.lease import Grant
 from qbportsync.sources.mapper import MapperContext, MappingMethod
@@ -35,8 +35,10 @@ from qbportsync.sources.pcp import (
     epochInvalid,
 )
 from qbportsync.sources.udpclient import (
+    RETRANSMIT_CAP,
     GatewayClient,
     GatewayRefusal,
+    GatewayUnsupported,
     WrongProtocol,
     closePort,
 )
@@ -62,14 +64,31 @@ tried: a gateway that ignores PCP costs this, not §8.1.1's unbounded retries.
 """
 RENEWAL_GAP = 4.0
 """Renewal requests are never closer together than this (§11.2.1)."""
+OUTAGE_TRIES = 4
+"""
+Sends of a new mapping's request (3, 6, 8, 8 s apart) before it fails, so
+that the source can look at the route again: ~25 s.
+"""
+ERROR_LIFETIME_MAX = 1800.0
+"""Seconds; the longest an error's lifetime may keep us from asking again."""
 
 
-def retransmissions(random: Callable[[], float]) -> Iterator[float]:
-    """§8.1.1: 3 s, doubling to at most 1024 s, each ±10 %, never ending."""
+def retransmissions(
+    random: Callable[[], float], cap: float = RETRY_MAX
+) -> Iterator[float]:
+    """§8.1.1: 3 s, doubling to at most C{cap} (MRT 1024 s), each ±10 %, endless."""
     wait = RETRY_INITIAL
     while True:
         yield wait * (1 + JITTER * (2 * random() - 1))
-        wait = min(2 * wait, RETRY_MAX)
+        wait = min(2 * wait, cap)
+
+
+def outageWaits(random: Callable[[], float]) -> list[float]:
+    """
+    A new mapping's request: §8.1.1's schedule with the waits kept under
+    L{RETRANSMIT_CAP}, given up after L{OUTAGE_TRIES} sends.
+    """
+    return list(itertools.islice(retransmissions(random, RETRANSMIT_CAP), OUTAGE_TRIES))
 
 
 def probeWaits(random: Callable[[], float]) -> list[float]:
@@ -78,10 +97,19 @@ def probeWaits(random: Callable[[], float]) -> list[float]:
     return [first, max(PROBE_SECS - first, 0.0)]
 
 
-def renewalWaits(grantedAt: float, lifetime: float, now: float) -> list[float]:
+def probeAgainWaits(random: Callable[[], float]) -> list[float]:
+    """While the gateway is away: one send every ~8 s (±10 %), ~32 s in all."""
+    return [RETRANSMIT_CAP * (1 + JITTER * (2 * random() - 1))] * OUTAGE_TRIES
+
+
+def renewalWaits(
+    grantedAt: float, lifetime: float, now: float, cap: float = float("inf")
+) -> list[float]:
     """
     §11.2.1: a renewal sent at C{now} is sent again 3/4, 7/8, 15/16… of the
     way through the lifetime, at least 4 s apart, then given up at expiry.
+    Waits longer than C{cap} are split evenly, so a gateway back from an
+    outage hears from us within C{cap}.
     """
     expiry = grantedAt + lifetime
     sends = [now]
@@ -93,7 +121,15 @@ def renewalWaits(grantedAt: float, lifetime: float, now: float) -> list[float]:
         if point >= sends[-1] + RENEWAL_GAP:
             sends.append(point)
     ends = [*sends[1:], max(expiry, sends[-1])]
-    return [end - start for start, end in zip(sends, ends, strict=True)]
+    return list(
+        _split((end - start for start, end in zip(sends, ends, strict=True)), cap)
+    )
+
+
+def _split(waits: Iterable[float], cap: float) -> Iterator[float]:
+    for wait in waits:
+        parts = max(1, -int(-wait // cap)) if wait > cap else 1
+        yield from [wait / parts] * parts
 
 
 def renewalPoint(lifetime: float, random: Callable[[], float]) -> float:
@@ -162,6 +198,18 @@ class PCPClient(GatewayClient[Request, Response]):
             and error.opcode == Opcode.MAP
         )
 
+    def invalid(self, request: Request, response: Response) -> str | None:
+        # Port 0 or lifetime 0 granted to a mapping we asked to keep.
+        if (
+            isinstance(request, MapRequest)
+            and request.lifetime > 0
+            and isinstance(response, MapResponse)
+            and response.result == Result.SUCCESS
+            and (response.externalPort == 0 or response.lifetime == 0)
+        ):
+            return "zero"
+        return None
+
     def unmatched(self, response: Response, reason: str) -> None:
         if isinstance(response, UnsupportedVersion):
             self.drop(reason)
@@ -180,6 +228,7 @@ class _Lease:
 class _Block:
     until: float
     message: str
+    result: Result
 
 
 class PCPMapper:
@@ -201,11 +250,11 @@ class PCPMapper:
             context.onEpoch,
             self._unsolicited,
         )
+        self._nonces = context.nonces
         self._port: IListeningPort = IReactorUDP(context.reactor).listenUDP(
             0, self.client, context.bindAddress, 8192
         )
         # Keyed by (protocol, internal port): what identifies a mapping.
-        self._nonces: dict[tuple[IPProto, int], bytes] = {}
         self._leases: dict[tuple[IPProto, int], _Lease] = {}
         self._blocked: dict[tuple[IPProto, int], _Block] = {}
         self._answered = False
@@ -219,29 +268,44 @@ class PCPMapper:
         held = self._leases.get(key)
         now = self._now()
         if held is not None and now < held.grantedAt + held.lifetime:
-            return renewalWaits(held.grantedAt, held.lifetime, now)
-        return retransmissions(self._context.random)
+            return renewalWaits(held.grantedAt, held.lifetime, now, RETRANSMIT_CAP)
+        return outageWaits(self._context.random)
+
+    def _nonceKey(
+        self, protocol: IPProto, internalPort: int
+    ) -> tuple[str, IPProto, int]:
+        return (self.client.clientAddress, protocol, internalPort)
 
     def mapOne(
-        self, protocol: IPProto, internalPort: int, suggested: int, lifetime: int
+        self,
+        protocol: IPProto,
+        internalPort: int,
+        suggested: int,
+        lifetime: int,
+        *,
+        probing: bool = False,
     ) -> Deferred[Grant]:
         return Deferred.fromCoroutine(
-            self._mapOne(protocol, internalPort, suggested, lifetime)
+            self._mapOne(protocol, internalPort, suggested, lifetime, probing)
         )
 
     async def _mapOne(
-        self, protocol: IPProto, internalPort: int, suggested: int, lifetime: int
+        self,
+        protocol: IPProto,
+        internalPort: int,
+        suggested: int,
+        lifetime: int,
+        probing: bool,
     ) -> Grant:
         key = (protocol, internalPort)
         block = self._blocked.get(key)
         left = 0.0 if block is None else block.until - self._now()
         if block is not None and left > 0:
-            raise GatewayRefusal(
-                f"{block.message}; not asking again for {left:.0f}s", left
-            )
-        if key not in self._nonces:
-            self._nonces[key] = self._newNonce()
-        nonce = self._nonces[key]
+            raise GatewayRefusal(block.message, block.result, left)
+        nonceKey = self._nonceKey(protocol, internalPort)
+        if nonceKey not in self._nonces:
+            self._nonces[nonceKey] = self._newNonce()
+        nonce = self._nonces[nonceKey]
         request = MapRequest(
             nonce,
             protocol,
@@ -251,7 +315,8 @@ class PCPMapper:
             lifetime,
             self.client.clientAddress,
         )
-        response = await self.client.send(request, self._waits(key))
+        waits = probeAgainWaits(self._context.random) if probing else self._waits(key)
+        response = await self.client.send(request, waits)
         if isinstance(response, UnsupportedVersion):
             speaks = f"version {response.version}"
             if response.version == 0:
@@ -263,27 +328,31 @@ class PCPMapper:
         self._answered = True
         if response.result != Result.SUCCESS:
             raise self._refused(request, response)
+        # A lease longer than asked is not believed (issue 11): renewals
+        # follow the shorter of the two.
         self._leases[key] = _Lease(
-            self._now(), response.lifetime, response.externalPort
+            self._now(), min(lifetime, response.lifetime), response.externalPort
         )
         return Grant(protocol, internalPort, response.externalPort, response.lifetime)
 
     def _refused(self, request: MapRequest, response: MapResponse) -> Exception:
         message = (
-            f"gateway {self.client.gateway} answered "
-            f"{response.result.name} to our {request.protocol} mapping"
+            f"gateway {self.client.gateway} answered PCP with "
+            f"{response.result.value} to our {request.protocol} mapping"
         )
-        # §8.3: the same request must wait out the lifetime the error carries.
-        if response.lifetime:
+        # §8.3: the same request must wait out the lifetime the error carries
+        # (bounded: a forged error must not silence us for days).
+        wait = min(response.lifetime, ERROR_LIFETIME_MAX)
+        if wait:
             self._blocked[(request.protocol, request.internalPort)] = _Block(
-                self._now() + response.lifetime, message
+                self._now() + wait, message, response.result
             )
         if response.result.unsupported:
-            return SourceUnavailable(message)
-        return GatewayRefusal(message, response.lifetime)
+            return GatewayUnsupported(message)
+        return GatewayRefusal(message, response.result, wait)
 
     def release(self, protocol: IPProto, internalPort: int) -> Deferred[None]:
-        nonce = self._nonces.get((protocol, internalPort))
+        nonce = self._nonces.get(self._nonceKey(protocol, internalPort))
         held = self._leases.pop((protocol, internalPort), None)
         if nonce is None:
             return succeed(None)
@@ -316,31 +385,35 @@ class PCPMapper:
 
     def _unsolicited(self, response: Response) -> None:
         if isinstance(response, AnnounceResponse):
-            _log.info(
+            _log.debug(
                 "gateway {gateway} announced epoch {epoch} (PCP)",
                 gateway=self.client.gateway,
                 epoch=response.epoch,
             )
-            self._context.onEpoch(response.epoch)
+            self._context.onAnnounce(response.epoch)
             return
         if isinstance(response, UnsupportedVersion):
             self.client.drop("unexpected")
             return
         key = (response.protocol, response.internalPort)
-        if self._nonces.get(key) != response.nonce:
+        if self._nonces.get(self._nonceKey(*key)) != response.nonce:
             self.client.drop("mismatch")
             return
-        self._context.onEpoch(response.epoch)
         held = self._leases.get(key)
+        if held is None:
+            # A late answer to a request we gave up: no mapping to change.
+            self.client.drop("unexpected")
+            return
+        self._context.onEpoch(response.epoch)
         if (
             response.result == Result.SUCCESS
-            and held is not None
+            and response.lifetime > 0
             and held.externalPort == response.externalPort
         ):
             return
-        _log.warn(
+        _log.debug(
             "gateway {gateway} changed our {protocol} mapping unasked "
-            "({result}, port {port}); mapping again",
+            "({result}, port {port})",
             gateway=self.client.gateway,
             protocol=response.protocol,
             result=response.result.name,
@@ -348,7 +421,12 @@ class PCPMapper:
         )
         self._context.onChange()
 
+    @property
+    def alive(self) -> bool:
+        return not self.client.closed
+
     def close(self) -> Deferred[None]:
+        self.client.abandon()
         return Deferred.fromCoroutine(closePort(self._port))
 
 
