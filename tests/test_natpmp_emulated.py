@@ -252,6 +252,16 @@ class EmulatedGatewayMixin:
         )
         elapsed = self.untilReachable(6)
         self.assertEqual(elapsed, 2.5)  # type: ignore[attr-defined]
+        # Counted once, and no second remap when the answers show it too.
+        self.assertEqual(  # type: ignore[attr-defined]
+            self.metrics.registry.get_sample_value(
+                "qb_port_sync_gateway_epoch_resets_total"
+            ),
+            1.0,
+        )
+        sent = len(self.gateway.heard)
+        self.letPass(5)
+        self.assertEqual(len(self.gateway.heard), sent)  # type: ignore[attr-defined]
 
     def test_vpnUpAfterDaemon(self) -> None:
         """No route at start; the network event that brings one maps within 1.1 s."""

@@ -139,6 +139,7 @@ class GatewaySource:
         self._unsubscribe: Callable[[], None] | None = None
         self._networkTimer: IDelayedCall | None = None
         self._probing = False
+        self._resetAnnounced = False
         self._lastAnnouncedRemap: float | None = None
         self._ignoredAnnouncements = 0
 
@@ -493,7 +494,12 @@ class GatewaySource:
 
     def _epochSeen(self, epoch: int) -> None:
         """An epoch in an answer to us: a reset remaps once the try ends."""
-        if self._epochs.observe(epoch, self._reactor.seconds()):
+        reset = self._epochs.observe(epoch, self._reactor.seconds())
+        announced, self._resetAnnounced = self._resetAnnounced, False
+        if reset and announced:
+            # The remap under way is the one the announcement asked for.
+            return
+        if reset:
             self._metrics.epoch_resets.inc()
             _log.warn(
                 "the gateway's epoch went back to {epoch}s: it restarted and "
@@ -552,6 +558,7 @@ class GatewaySource:
         self._lastAnnouncedRemap = now
         if reset:
             self._metrics.epoch_resets.inc()
+            self._resetAnnounced = True
         delay = self._random() * RESET_DELAY_MAX
         ignored, self._ignoredAnnouncements = self._ignoredAnnouncements, 0
         _log.info(
