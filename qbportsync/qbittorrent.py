@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, NoReturn
 
 from cryptography import x509
@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from qbportsync.config import ConfigError, QBittorrentConfig
 from qbportsync.interfaces import ApplyResult, IPortSink
+from qbportsync.plainhttp import mismatchMessage
 from qbportsync.refusals import (
     LOGIN_TRIES,
     Credentials,
@@ -127,10 +128,17 @@ class QBittorrentClient:
         http: HTTPClient,
         config: QBittorrentConfig,
         refusals: RefusalStore,
+        plainHTTPProbe: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
+        """
+        @param plainHTTPProbe: asks whether the server behind an https:// URL
+            speaks plain HTTP (L{qbportsync.plainhttp.speaksPlainHTTP}), to
+            name that mistake when TLS gets no answer; None never asks.
+        """
         self._reactor = reactor
         self._http = http
         self._config = config
+        self._plainHTTPProbe = plainHTTPProbe
         url = URL.from_text(config.base_url).replace(userinfo="", query=(), fragment="")
         if ":" in url.host:
             raise ConfigError(
@@ -481,7 +489,7 @@ class QBittorrentClient:
             return response.code, body
 
         def timedOut(result: object, timeout: float) -> NoReturn:
-            raise QBittorrentError(f"{url} did not answer within {timeout:g} s")
+            raise _NoAnswer(f"{url} did not answer within {timeout:g} s")
 
         exchanged = defer.Deferred.fromCoroutine(exchange())
         exchanged.addTimeout(
@@ -489,10 +497,40 @@ class QBittorrentClient:
         )
         try:
             return await exchanged
-        except QBittorrentError:
-            raise
         except Exception as e:
+            if await self._speaksPlainHTTP(url, e):
+                raise QBittorrentError(f"{url}: {mismatchMessage(url)}") from e
+            if isinstance(e, QBittorrentError):
+                raise
             raise QBittorrentError(f"{url}: {_describe(e)}") from e
+
+    async def _speaksPlainHTTP(self, url: str, e: Exception) -> bool:
+        """
+        Whether C{url} got no TLS answer, C{e}, because its server speaks
+        plain HTTP.
+        """
+        if self._plainHTTPProbe is None or not url.startswith("https://"):
+            return False
+        reasons: list[Failure] = getattr(e, "reasons", [])
+        if not isinstance(e, _NoAnswer) and not any(
+            isinstance(reason.value, error.ConnectionClosed) or _notTLS(reason.value)
+            for reason in reasons
+        ):
+            return False
+        return await self._plainHTTPProbe(url)
+
+
+class _NoAnswer(QBittorrentError):
+    """No answer came within C{timeout_secs}."""
+
+
+def _notTLS(e: BaseException | None) -> bool:
+    """Whether OpenSSL failed because the other side does not speak TLS."""
+    text = str(e)
+    return isinstance(e, SSL.Error) and any(
+        sign in text
+        for sign in ("wrong version number", "packet length too long", "http request")
+    )
 
 
 def _clock(when: float) -> str:
@@ -503,6 +541,11 @@ def _describe(e: Exception) -> str:
     """Say in words why a request got no answer."""
     reasons: list[Failure] = getattr(e, "reasons", [])
     for reason in reasons:
+        if _notTLS(reason.value):
+            return (
+                f"the server does not answer in TLS ({reason.value}): if it "
+                "serves plain HTTP, use http://, or enable HTTPS in qBittorrent"
+            )
         if isinstance(reason.value, SSL.Error | VerificationError):
             return (
                 f"the TLS certificate could not be verified ({reason.value}); if "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NoReturn, TextIO
 
 from treq.client import HTTPClient
@@ -31,6 +32,7 @@ from qbportsync.interfaces import (
 from qbportsync.listener import ListenerHealer
 from qbportsync.metrics import Metrics
 from qbportsync.netevents import networkEvents
+from qbportsync.plainhttp import speaksPlainHTTP
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
 from qbportsync.refusals import RefusalStore, stateDirectory
 from qbportsync.sdnotify import SystemdNotifier
@@ -251,7 +253,13 @@ def makeSink(
     Raises L{ConfigError} when C{ca_file} holds no certificate.
     """
     http = makeHTTPClient(reactor, config.qbittorrent, pool)
-    return QBittorrentClient(reactor, http, config.qbittorrent, refusals)
+    return QBittorrentClient(
+        reactor,
+        http,
+        config.qbittorrent,
+        refusals,
+        partial(speaksPlainHTTP, reactor),
+    )
 
 
 class ConnectionPoolService(Service):
