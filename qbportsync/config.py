@@ -247,6 +247,13 @@ def _pathChain(path: str, follow: bool) -> list[str]:
     return chain[::-1]
 
 
+def _onReadOnlyMount(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def checkTrusted(path: str, uid: int) -> str | None:
     """
     Why someone other than root or C{uid} could change what C{path} holds,
@@ -257,7 +264,9 @@ def checkTrusted(path: str, uid: int) -> str | None:
     root or C{uid} too) and with links resolved, must be owned by root or
     C{uid} and writable by their owner only.  A directory with the sticky
     bit (C{/tmp}) is fine: there no one can replace what another user owns,
-    and what lies below it is checked for its owner.
+    and what lies below it is checked for its owner.  So is anything on a
+    read-only mount, such as a container's C{:ro} volume, whose owner is a
+    user of the host: no one here can change it.
     """
     trusted = {0, uid}
     for follow in (False, True):
@@ -266,6 +275,8 @@ def checkTrusted(path: str, uid: int) -> str | None:
                 info = os.lstat(step)
             except OSError as e:
                 return f"cannot check who may change {step}: {e.strerror}"
+            if not stat.S_ISLNK(info.st_mode) and _onReadOnlyMount(step):
+                continue
             if info.st_uid not in trusted:
                 return (
                     f"{step} belongs to {_owner(info.st_uid)}, "

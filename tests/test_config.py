@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -30,6 +31,7 @@ from qbportsync.config import (
     loadConfig,
     searchPath,
 )
+from tests.rig import skipOrFail
 
 EXAMPLE = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "config", "config.example.toml"
@@ -956,6 +958,8 @@ class HooksConfigTests(ConfigTestCase):
             self.assertIn("hooks.on_change must", message)
 
 
+_SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(qbportsync.__file__)))
+"""The package under test, wherever this test imported it from."""
 NOBODY = 65534
 """Another user: what root's tests give files to, to play someone else."""
 
@@ -1088,14 +1092,50 @@ class IntegrityTests(ConfigTestCase):
             self.assertTrue(message.endswith(problem), message)
             self.assertNotIn(SECRET, message)
 
+    def test_readOnlyMount(self) -> None:
+        """
+        A file on a read-only mount (a container's :ro volume, owned by a
+        user of the host) is accepted: no one here can change it.
+        """
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            skipOrFail("unshare (util-linux) is needed for a private mount")
+        directory = self.directory(owner=NOBODY)
+        path = self.place(directory, "config.toml", "[qbittorrent]\n", 0o666, NOBODY)
+        load = (
+            "from qbportsync.config import loadConfig; "
+            f"print(loadConfig({path!r}, {{}}, uid=4242).path)"
+        )
+        self.refused(path)
+        result = subprocess.run(
+            [
+                unshare,
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-euc",
+                'mount --bind "$1" "$1"; mount -o remount,bind,ro "$1"; '
+                'exec "$2" -c "$3"',
+                "sh",
+                directory,
+                sys.executable,
+                load,
+            ],
+            env={**os.environ, "PYTHONPATH": _SOURCE},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, f"{path}\n"), result)
+
     def test_exitCode(self) -> None:
         """The daemon refuses to start with exit status 2, naming the fix."""
         path = self.place(self.directory(), "config.toml", "", mode=0o646)
-        # The package under test, wherever this test imported it from.
-        source = os.path.dirname(os.path.dirname(os.path.abspath(qbportsync.__file__)))
         result = subprocess.run(
             [sys.executable, "-m", "qbportsync", "--once", "--config", path],
-            env={**os.environ, "PYTHONPATH": source},
+            env={**os.environ, "PYTHONPATH": _SOURCE},
             capture_output=True,
             text=True,
             timeout=60,

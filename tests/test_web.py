@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import resource
@@ -51,6 +52,7 @@ from qbportsync.web import (
     makeWebService,
     planWeb,
 )
+from tests.test_config import ConfigTestCase
 
 NOW = 1_700_000_000.0
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -307,6 +309,31 @@ class PlanTests(SynchronousTestCase):
         )
 
 
+class MetricsOffTests(ConfigTestCase):
+    """Health keeps working when metrics are not served."""
+
+    def test_metricsPortZero(self) -> None:
+        """metrics enabled with port 0: only health listens, on its own port."""
+        config = self.load(
+            "[metrics]\nenabled = true\nport = 0\n"
+            "[health]\nenabled = true\nport = 9001\n"
+        )
+        self.assertEqual(
+            _plan(config),
+            [(("health.port",), "127.0.0.1", 9001, ("/healthz", "/status"))],
+        )
+
+    def test_metricsDisabled(self) -> None:
+        """metrics disabled with a port: health serves alone on that port."""
+        config = self.load(
+            "[metrics]\nenabled = false\nport = 9000\n[health]\nenabled = true\n"
+        )
+        self.assertEqual(
+            _plan(config),
+            [(("health.port",), "127.0.0.1", 9000, ("/healthz", "/status"))],
+        )
+
+
 class WebServiceTests(SynchronousTestCase):
     """WebService listens where planned, on the given reactor."""
 
@@ -443,8 +470,10 @@ class BoundsTests(SynchronousTestCase):
         so that the endpoints get their full cap and the daemon thrice as
         many for itself.
         """
-        for unit in ("qb-port-sync.service", "qb-port-sync-oneshot.service"):
-            with open(os.path.join(ROOT, "systemd", unit)) as f:
+        units = sorted(glob.glob(os.path.join(ROOT, "systemd", "*.service")))
+        self.assertGreaterEqual(len(units), 2)
+        for unit in units:
+            with open(unit) as f:
                 limits = [
                     line.partition("=")[2].strip()
                     for line in f
