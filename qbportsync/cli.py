@@ -19,6 +19,7 @@ from twisted.logger import Logger, LogLevel, globalLogBeginner
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from qbportsync.check import runCheck
 from qbportsync.config import ConfigError, loadConfig
 from qbportsync.hooks import ChangeHook
 from qbportsync.interfaces import (
@@ -259,6 +260,10 @@ async def main(
     C{--once --json}, every exit prints exactly one JSON line, usage errors
     included.
     """
+    if argv[:1] == ["check"]:
+        _startLogging(LogLevel.critical, stderr)
+        code = await runCheck(reactor, argv[1:], environ, uid, stdout, stderr)
+        raise SystemExit(code)
     options = Options(stdout)
     try:
         options.parseOptions(argv)  # type: ignore[no-untyped-call]

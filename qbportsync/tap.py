@@ -64,7 +64,8 @@ class Options(usage.Options):
     )
     longdesc = (
         "Keep qBittorrent listening on the port that the VPN forwards to this "
-        "host, learnt from the VPN client's port file or from the gateway."
+        "host, learnt from the VPN client's port file or from the gateway. "
+        "'qb-port-sync check --help': test the set-up, changing nothing."
     )
 
     optParameters = [

@@ -29,7 +29,7 @@ from qbportsync.hooks import (
 )
 from qbportsync.interfaces import ApplyResult, Forwarded
 from qbportsync.metrics import Metrics
-from qbportsync.sync import CONTEST_FIRST_SECS, PortSync
+from qbportsync.sync import PortSync
 from tests.fakes import FakeSink, FakeSource
 
 HOOK = "/usr/local/bin/open-port"
@@ -372,26 +372,28 @@ class SyncHookTests(SynchronousTestCase):
         self.sink.succeed()
         self.assertEqual([(r.port, r.previous) for r in self.called], [(40000, 6881)])
 
-    def test_unverifiedOrUnchanged(self) -> None:
-        """No call when qBittorrent did not keep the port, or already had it."""
+    def test_successiveChanges(self) -> None:
+        """Each verified change calls the hook with its own port."""
         self.source.emit(40000)
-        self.sink.succeed(verified=False)
-        self.clock.advance(CONTEST_FIRST_SECS)
         self.sink.succeed()
-        self.source.emit(40000)
         self.source.emit(40001)
         self.sink.succeed()
-        self.assertEqual([r.port for r in self.called], [40000, 40001])
-        called = len(self.called)
-        self.sync.stopService()
-        source = FakeSource()
-        sink = FakeSink(port=40001)
-        PortSync(
-            self.clock, source, sink, Metrics.create(), onNewPort=self.called.append
-        ).startService()
-        source.emit(40001)
-        sink.succeed()
-        self.assertEqual(len(self.called), called)
+        self.assertEqual(
+            [(r.port, r.previous) for r in self.called],
+            [(40000, 6881), (40001, 40000)],
+        )
+
+    def test_unverified(self) -> None:
+        """No call when qBittorrent did not keep the port."""
+        self.source.emit(40000)
+        self.sink.succeed(verified=False)
+        self.assertEqual(self.called, [])
+
+    def test_alreadyThere(self) -> None:
+        """No call when qBittorrent already listened on the port."""
+        self.source.emit(6881)
+        self.sink.succeed()
+        self.assertEqual(self.called, [])
 
 
 class RealProcessTests(TestCase):

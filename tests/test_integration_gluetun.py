@@ -121,7 +121,13 @@ class GluetunIntegrationTests(SynchronousTestCase):
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=environment(**{PASSWORD_ENV: self.rig.password, KEY_ENV: key}),
+                env=environment(
+                    **{
+                        PASSWORD_ENV: self.rig.password,
+                        KEY_ENV: key,
+                        "STATE_DIRECTORY": str(self.directory / "state"),
+                    }
+                ),
                 cwd=self.directory,
             )
         self.addCleanup(stopProcess, process)
@@ -177,7 +183,9 @@ class GluetunIntegrationTests(SynchronousTestCase):
                 "45003 45002|45003|45002|gluetun|",
             ],
         )
-        self.assertIn("on-change hook stdout: hook saw 45003", self.output())
+        waitFor(
+            lambda: "hook saw 45003" in self.output(), "the hook's output logged", 5
+        )
         # Polled every 0.25 s: each change lands within a poll and an update.
         self.assertLess(max(latencies), 1.5, latencies)
 
@@ -200,7 +208,7 @@ class GluetunIntegrationTests(SynchronousTestCase):
 
     def test_wrongKey(self) -> None:
         """
-        A wrong API key: the one-shot exits 2 naming [gluetun] api_key; the
+        A wrong API key: the one-shot exits 3 naming [gluetun] api_key; the
         daemon says so, and qBittorrent keeps its port.
         """
         gluetun = Gluetun(self, 45200)
@@ -209,7 +217,7 @@ class GluetunIntegrationTests(SynchronousTestCase):
             ["--once", "--json", "--strategy", "gluetun", "--config", config],
             key="wrong-key",
         )
-        self.assertEqual(process.wait(30), 2, self.output())
+        self.assertEqual(process.wait(30), 3, self.output())
         [line] = [
             line
             for line in self.outputs[0].read_text().splitlines()
