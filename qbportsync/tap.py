@@ -222,10 +222,14 @@ def makeSource(
         )
 
     def pcpSource() -> PCPSource:
-        return PCPSource(reactor, config, metrics, sink.listenPort)
+        return PCPSource(
+            reactor, config, metrics, sink.listenPort, networkEvents=networkEvents
+        )
 
     if strategy == "natpmp":
-        return NATPMPSource(reactor, config, metrics, sink.listenPort)
+        return NATPMPSource(
+            reactor, config, metrics, sink.listenPort, networkEvents=networkEvents
+        )
     if strategy == "pcp":
         return pcpSource()
     if strategy == "gluetun":

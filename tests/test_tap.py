@@ -42,7 +42,8 @@ from qbportsync.tap import (
 )
 from qbportsync.web import WebService
 
-from .fakes import FakeSink
+from .fakes import FakeNetworkEvents, FakeSink
+from .fakeudp import GATEWAY, MemoryUDPReactor
 
 DEFAULTS = {
     "config": None,
@@ -147,6 +148,29 @@ class BuilderTests(SynchronousTestCase):
         source = makeSource(Clock(), self.config(), "natpmp", Metrics.create(), sink)
         self.assertIsInstance(source, NATPMPSource)
         self.assertEqual(source.name, "natpmp")
+
+    def test_gatewaySourcesHearTheNetwork(self) -> None:
+        """'natpmp' and 'pcp' follow the network changes they are given."""
+        config = evolve(
+            self.config(),
+            portmap=evolve(
+                self.config().portmap, gateway=GATEWAY, bind_address="198.51.100.2"
+            ),
+        )
+        for strategy in ("natpmp", "pcp"):
+            events = FakeNetworkEvents()
+            source = makeSource(
+                MemoryUDPReactor(),
+                config,
+                strategy,
+                Metrics.create(),
+                FakeSink(),
+                networkEvents=events,
+            )
+            source.start(lambda seen: None)
+            self.assertEqual(len(events.observers), 1, strategy)
+            self.successResultOf(source.stop())
+            self.assertEqual(events.observers, [], strategy)
 
     def test_pcpSource(self) -> None:
         """'pcp' asks the gateway with PCP first."""
