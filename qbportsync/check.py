@@ -597,11 +597,9 @@ class Checker:
                 _NO_FORWARDING,
                 EXIT_TRANSIENT,
             )
-        return ok(
-            "pcp",
-            f"{gateway} answers: epoch {response.epoch} s, lifetime "
-            f"{response.lifetime} s",
-        )
+        # An ANNOUNCE's lifetime is 0 by RFC 6887 §14.1; show one only if given.
+        lifetime = f", lifetime {response.lifetime} s" if response.lifetime else ""
+        return ok("pcp", f"{gateway} answers: epoch {response.epoch} s{lifetime}")
 
     async def listeners(self, config: Config) -> list[Step]:
         """The metrics and health ports can be opened (or we already serve them)."""

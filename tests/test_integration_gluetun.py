@@ -189,20 +189,26 @@ class GluetunIntegrationTests(SynchronousTestCase):
         # Polled every 0.25 s: each change lands within a poll and an update.
         self.assertLess(max(latencies), 1.5, latencies)
 
-    def test_oldGluetun(self) -> None:
-        """A gluetun without /v1/portforward is read on the old route."""
+    def test_oldGluetunChosenByAuto(self) -> None:
+        """
+        auto picks gluetun when [gluetun] url is set; a gluetun without
+        /v1/portforward is read on the old route.
+        """
         gluetun = Gluetun(self, 45100, old=True)
-        code = self.spawn(
-            [
-                "--once",
-                "--json",
-                "--strategy",
-                "gluetun",
-                "--config",
-                str(self.config(gluetun)),
-            ]
-        ).wait(30)
+        config = str(self.config(gluetun))
+        code = self.spawn(["--once", "--json", "--config", config]).wait(30)
         self.assertEqual(code, 0, self.output())
+        [line] = [
+            line
+            for line in self.outputs[0].read_text().splitlines()
+            if line.startswith("{")
+        ]
+        result = json.loads(line)
+        self.assertEqual(
+            (result["strategy"], result["detected_port"], result["verified"]),
+            ("gluetun", 45100, True),
+        )
+        self.assertIn("auto chose gluetun's control server", result["note"])
         self.assertEqual(self.rig.listenPort(), 45100)
         self.assertEqual(self.hookLines(), ["45100 6881|45100|6881|gluetun|"])
 
