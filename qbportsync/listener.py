@@ -215,7 +215,9 @@ class ListenerHealer:
             self._failing = True
             _log.warn(
                 "qBittorrent refuses connections on {address}:{port} ({trigger}) "
-                "and re-binding did not help; trying again in {delay:.0f} s",
+                "and re-binding did not help; trying again in {delay:.0f} s. If "
+                "qBittorrent runs in another network namespace (a container), "
+                'set [qbittorrent] check_listener to "off" or to its address',
                 address=address,
                 port=port,
                 trigger=trigger,

@@ -227,6 +227,7 @@ class HealerTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(d).listening, False)
         self.assertEqual(len(self.logged(LogLevel.warn)), 1)
         self.assertIn("trying again in 10 s", self.logged(LogLevel.warn)[0])
+        self.assertIn("check_listener", self.logged(LogLevel.warn)[0])
         self.clock.advance(5)
         self.assertIs(
             self.successResultOf(healer.check(40000, "periodic check")).listening,
