@@ -27,7 +27,13 @@ from twisted.web.client import Agent
 from zope.interface import implementer
 
 from qbportsync._version import __version__
-from qbportsync.config import Config, ConfigError, loadConfig, searchPath
+from qbportsync.config import (
+    Config,
+    ConfigError,
+    QBittorrentConfig,
+    loadConfig,
+    searchPath,
+)
 from qbportsync.interfaces import (
     IPortSink,
     IPortSource,
@@ -212,6 +218,8 @@ class Checker:
         )
         self._webHTTP = webHTTP or HTTPClient(Agent(reactor))
         self._refusals = refusals
+        self._qbInterfaces: set[str] | None = None
+        """The interfaces qBittorrent lists, once logged in."""
         self._gatewayPath = gatewayPath or (lambda config: resolvePath(reactor, config))
 
     def run(self) -> Deferred[CheckReport]:
@@ -410,35 +418,65 @@ class Checker:
                 skip("csrf", "needs a login"),
                 skip("version", "needs a login"),
             ]
-        api = await self._webapiVersion(http, qb.base_url, qb.api_key)
+        api = (await self._get(http, qb, "app/webapiVersion")).strip()[:20]
+        listed = await self._get(http, qb, "app/networkInterfaceList")
+        try:
+            entries = json.loads(listed)
+            self._qbInterfaces = {
+                str(entry.get(key))
+                for entry in entries
+                if isinstance(entry, dict)
+                for key in ("name", "value")
+            }
+        except (ValueError, TypeError):
+            self._qbInterfaces = None
         return [
             ok("login", f"accepted ({how})"),
             ok("csrf", "qBittorrent accepted our Host, Origin and Referer"),
             ok("version", f"qBittorrent {version}, Web API {api}"),
         ]
 
-    async def _webapiVersion(self, http: HTTPClient, base: str, apiKey: str) -> str:
+    async def _get(self, http: HTTPClient, qb: QBittorrentConfig, path: str) -> str:
+        """A read-only call in the session the login opened; "" if it fails."""
         headers: dict[bytes | str, bytes | str] = {}
-        if apiKey:
-            headers["Authorization"] = f"Bearer {apiKey}"
+        if qb.api_key:
+            headers["Authorization"] = f"Bearer {qb.api_key}"
         try:
             response = await self._timed(
-                http.get(f"{base}/api/v2/app/webapiVersion", headers=headers)
+                http.get(f"{qb.base_url}/api/v2/{path}", headers=headers)
             )
             body: bytes = await response.content()
         except Exception:
-            return "(unknown)"
+            return ""
         if response.code != 200:
-            return f"(unknown: HTTP {response.code})"
-        return body.decode("utf-8", "replace").strip()[:20]
+            return ""
+        return body.decode("utf-8", "replace")
 
     def interface(self, config: Config) -> Step:
-        """C{[net] bind_interface} exists on this host."""
+        """
+        C{[net] bind_interface} is one qBittorrent knows (it binds only to
+        those), and one of this host's when qBittorrent's list is unknown.
+        """
         name = config.net.bind_interface
         if not name:
             return skip("interface", "no [net] bind_interface")
-        if name in self._interfaces():
-            return ok("interface", f"{name} is present")
+        here = name in self._interfaces()
+        if self._qbInterfaces is not None:
+            if name in self._qbInterfaces:
+                where = (
+                    "" if here else " (not on this host: qBittorrent runs elsewhere)"
+                )
+                return ok("interface", f"qBittorrent lists {name}{where}")
+            return failed(
+                "interface",
+                f"qBittorrent does not list {name} ([net] bind_interface), so the "
+                "port would be set without binding to it",
+                "bring the VPN up where qBittorrent runs, or set [net] "
+                "bind_interface to one of: " + ", ".join(sorted(self._qbInterfaces)),
+                EXIT_TRANSIENT,
+            )
+        if here:
+            return ok("interface", f"{name} is present (qBittorrent's list unread)")
         return failed(
             "interface",
             f"{name} ([net] bind_interface) is not an interface of this host",

@@ -177,6 +177,7 @@ class AllPassTests(CheckTestCase):
 
     def test_allPass(self) -> None:
         """Each step's verdict and what it found."""
+        self.qb.interfaces.append({"name": "wg0", "value": "wg0"})
         report = self.check(self.writeConfig('[net]\nbind_interface = "wg0"\n'))
         self.assertEqual(
             [(s.name, s.verdict, s.detail) for s in report.steps],
@@ -188,7 +189,7 @@ class AllPassTests(CheckTestCase):
                 ("login", "ok", "accepted (user 'admin')"),
                 ("csrf", "ok", "qBittorrent accepted our Host, Origin and Referer"),
                 ("version", "ok", "qBittorrent v4.5.2, Web API 2.8.19"),
-                ("interface", "ok", "wg0 is present"),
+                ("interface", "ok", "qBittorrent lists wg0"),
                 ("port file", "ok", f"{self.portFile} says port 45678"),
                 ("metrics", "skip", "metrics and health are off"),
             ],
@@ -366,13 +367,37 @@ class QBittorrentStepTests(CheckTestCase):
 
 
 class InterfaceStepTests(CheckTestCase):
-    def test_missing(self) -> None:
-        """A bind_interface the host lacks fails, exit 1."""
+    """[net] bind_interface: in qBittorrent's list, else on this host."""
+
+    def config(self) -> str:
+        return self.writeConfig('[net]\nbind_interface = "wg0"\n')
+
+    def test_notListed(self) -> None:
+        """An interface qBittorrent does not list fails, naming those it does."""
+        step = self.step(self.check(self.config()), "interface")
+        self.assertEqual((step.verdict, step.exitCode), ("fail", 1))
+        self.assertIn("one of: eth0, lo", step.fix)
+
+    def test_listedElsewhere(self) -> None:
+        """Listed by qBittorrent but not here: qBittorrent runs elsewhere, ok."""
+        self.qb.interfaces.append({"name": "wg0", "value": "wg0"})
         self.interfaces = ["lo"]
-        step = self.step(
-            self.check(self.writeConfig('[net]\nbind_interface = "wg0"\n')),
-            "interface",
+        step = self.step(self.check(self.config()), "interface")
+        self.assertEqual(
+            (step.verdict, step.detail),
+            (
+                "ok",
+                "qBittorrent lists wg0 (not on this host: qBittorrent runs elsewhere)",
+            ),
         )
+
+    def test_hostOnlyWithoutLogin(self) -> None:
+        """Without a login, the host's own interfaces decide."""
+        self.http = _Refusing(ConnectionRefusedError())
+        step = self.step(self.check(self.config()), "interface")
+        self.assertEqual(step.detail, "wg0 is present (qBittorrent's list unread)")
+        self.interfaces = ["lo"]
+        step = self.step(self.check(self.config()), "interface")
         self.assertEqual((step.verdict, step.exitCode), ("fail", 1))
         self.assertIn("bring the VPN up", step.fix)
 
