@@ -14,7 +14,7 @@ import socket
 import stat
 import sys
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal, NoReturn, TextIO
 
 from attrs import evolve, frozen
@@ -41,6 +41,7 @@ from qbportsync.interfaces import (
     SourceUnavailable,
 )
 from qbportsync.metrics import Metrics
+from qbportsync.plainhttp import mismatchMessage, speaksPlainHTTP
 from qbportsync.qbittorrent import (
     LoginRefused,
     QBittorrentClient,
@@ -200,6 +201,7 @@ class Checker:
         webHTTP: HTTPClient | None = None,
         gatewayPath: Callable[[Config], Deferred[GatewayPath]] | None = None,
         refusals: Callable[[Config], RefusalStore],
+        plainHTTP: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._reactor = reactor
         self._configPath = configPath
@@ -218,6 +220,7 @@ class Checker:
         )
         self._webHTTP = webHTTP or HTTPClient(Agent(reactor))
         self._refusals = refusals
+        self._plainHTTP = plainHTTP or (lambda url: speaksPlainHTTP(reactor, url))
         self._qbInterfaces: set[str] | None = None
         """The interfaces qBittorrent lists, once logged in."""
         self._gatewayPath = gatewayPath or (lambda config: resolvePath(reactor, config))
@@ -328,6 +331,18 @@ class Checker:
             await response.content()
         except Exception as e:
             tls = _tlsProblem(e)
+            if qb.base_url.startswith("https:") and await self._plainHTTP(qb.base_url):
+                return [
+                    ok("qbittorrent", f"{qb.base_url} accepts connections"),
+                    failed(
+                        "tls",
+                        mismatchMessage(qb.base_url),
+                        "set [qbittorrent] base_url to http://..., or enable "
+                        "HTTPS in qBittorrent (Options > Web UI)",
+                        EXIT_CONFIG,
+                    ),
+                    *(skip(name, "needs a TLS connection") for name in names),
+                ]
             if tls is None:
                 return [
                     failed(

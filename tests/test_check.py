@@ -111,11 +111,13 @@ class CheckTestCase(SynchronousTestCase):
         self.interfaces = ["lo", "wg0"]
         self.exists: set[str] = set()
         self.web: Any = StubTreq(Resource())
+        self.speaksPlainHTTP = False
+        self.probed: list[str] = []
 
-    def writeConfig(self, text: str = "", mode: int = 0o600) -> str:
+    def writeConfig(self, text: str = "", mode: int = 0o600, base: str = BASE) -> str:
         path = self.directory / "config.toml"
         path.write_text(
-            f'[qbittorrent]\nbase_url = "{BASE}"\n'
+            f'[qbittorrent]\nbase_url = "{base}"\n'
             f'[protonvpn]\nforwarded_port_path = "{self.portFile}"\n' + text
         )
         path.chmod(mode)
@@ -148,10 +150,15 @@ class CheckTestCase(SynchronousTestCase):
             sourceFor=self.sourceFor,
             webHTTP=cast(HTTPClient, self.web),
             gatewayPath=self.gatewayPath,
+            plainHTTP=self.plainHTTP,
             refusals=lambda config: RefusalStore(
                 self.reactor, str(self.directory / "state")
             ),
         )
+
+    async def plainHTTP(self, url: str) -> bool:
+        self.probed.append(url)
+        return self.speaksPlainHTTP
 
     def gatewayPath(self, config: Config) -> Deferred[GatewayPath]:
         if config.portmap.gateway:
@@ -364,6 +371,26 @@ class QBittorrentStepTests(CheckTestCase):
         step = self.step(report, "tls")
         self.assertEqual((step.verdict, step.exitCode), ("fail", 2))
         self.assertIn("[qbittorrent] ca_file", step.fix)
+
+
+class PlainHTTPTests(CheckTestCase):
+    """An https:// base_url in front of a plain-HTTP qBittorrent."""
+
+    def test_named(self) -> None:
+        """TLS fails naming the mismatch, not the certificate; exit 2."""
+        self.http = _Refusing(_Reasons([Failure(ConnectionRefusedError())]))
+        self.speaksPlainHTTP = True
+        report = self.check(self.writeConfig(base="https://127.0.0.1:8080"))
+        step = self.step(report, "tls")
+        self.assertEqual((step.verdict, step.exitCode), ("fail", 2))
+        self.assertIn("answered in plain HTTP, not TLS", step.detail)
+        self.assertEqual(self.probed, ["https://127.0.0.1:8080"])
+
+    def test_notAskedForHTTP(self) -> None:
+        """An http:// base_url is never probed."""
+        self.http = _Refusing(ConnectionRefusedError())
+        self.check(self.writeConfig())
+        self.assertEqual(self.probed, [])
 
 
 class InterfaceStepTests(CheckTestCase):

@@ -128,6 +128,18 @@ class QBittorrentCheckTests(SynchronousTestCase):
         self.assertEqual(code, 0)
         self.assertIn("Everything qb-port-sync needs works.", text)
 
+    def test_httpsToPlainHTTP(self) -> None:
+        """An https:// base_url for this plain-HTTP qBittorrent: TLS fails, named."""
+        self.config.write_text(
+            self.config.read_text().replace("http://", "https://", 1)
+        )
+        code, out = self.check("--strategy", "file", "--json")
+        self.assertEqual(code, 2, out)
+        verdict, detail = steps(out)["tls"]
+        self.assertEqual(verdict, "fail")
+        self.assertIn("answered in plain HTTP, not TLS", detail)
+        self.assertEqual(self.rig.failedLogins(), [])
+
     def test_wrongPassword(self) -> None:
         """
         A wrong password: exit 1 and one failed login in qBittorrent's log;
