@@ -3,6 +3,9 @@ The host's network changes as a stream of L{NetworkChange}s, read from the
 kernel's socket in the reactor: netlink on Linux, the routing socket on
 macOS, nothing elsewhere.
 
+A link counts as present while it is up: C{wg-quick down} (or C{ip link set
+wg0 down}) is told as C{NetworkChange("link", "wg0", False)}.
+
 A burst (C{wg-quick up} adds a link, addresses and routes in a few
 milliseconds) reaches observers as several changes; identical changes read
 in one go are told once.  Observers that act on "something changed" should
@@ -34,7 +37,10 @@ _BATCH = 64
 _DATAGRAM_SIZE = 65536
 
 SOMETHING_CHANGED = NetworkChange("link", "", True)
-"""Told when the kernel dropped changes we could not read (a full buffer)."""
+"""
+Told when changes may have been missed: the kernel dropped some (a full
+buffer) or the socket had to be replaced.
+"""
 
 
 class Decoder(Protocol):

@@ -870,7 +870,7 @@ class KernelTests(TestCase):
     """The real kernel: changes in a namespace reach observers within a bounded wait."""
 
     def test_changes(self) -> None:
-        """A veth, an address and a route, added then removed, are each told."""
+        """A veth, IPv4 and IPv6 addresses and a route, added and removed, are told."""
         if not sys.platform.startswith("linux"):
             requireTool("a Linux kernel")
         namespace = Namespace()
@@ -882,6 +882,8 @@ class KernelTests(TestCase):
                 ("link", "add", "qbva", "type", "veth", "peer", "name", "qbvb"),
                 ("link", "qbva", False),
             ),
+            # No IPv6 link-local address of its own: only ours below.
+            (("link", "set", "qbva", "addrgenmode", "none"), None),
             (("link", "set", "qbva", "up"), ("link", "qbva", True)),
             (
                 ("address", "add", "198.51.100.2/24", "dev", "qbva"),
@@ -904,12 +906,23 @@ class KernelTests(TestCase):
                 ("address", "del", "198.51.100.2/24", "dev", "qbva"),
                 ("address", "qbva", False),
             ),
+            # IPv6 addresses carry no label: named by index.
+            (
+                ("-6", "address", "add", "2001:db8::2/64", "dev", "qbva", "nodad"),
+                ("address", "qbva", True),
+            ),
+            (
+                ("-6", "address", "del", "2001:db8::2/64", "dev", "qbva"),
+                ("address", "qbva", False),
+            ),
             (("link", "delete", "qbva"), ("link", "qbva", False)),
         ]
         rows = []
         for argv, expected in steps:
             before = time.monotonic()
             namespace.ip(*argv)
+            if expected is None:
+                continue
             line = probe.next(
                 lambda line, expected=expected, before=before: (
                     (line.get("kind"), line.get("interface"), line.get("present"))
