@@ -13,6 +13,7 @@ from typing import Generic, Literal, TypeVar
 from attrs import define
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IMulticastTransport,
@@ -148,6 +149,8 @@ class MemoryUDPReactor(Clock):
             tuple[str, int], Callable[[FakeUDPTransport, bytes], object]
         ] = {}
         """Who answers datagrams sent to an address, such as an L{EmulatedGateway}."""
+        self.missing: set[str] = set()
+        """Local addresses that cannot be bound (the interface went away)."""
 
     def listenUDP(
         self,
@@ -156,6 +159,8 @@ class MemoryUDPReactor(Clock):
         interface: str = "",
         maxPacketSize: int = 8192,
     ) -> FakeUDPTransport:
+        if interface in self.missing:
+            raise CannotListenError(interface, port, OSError(99, "not available"))
         return self._listen(port, protocol, interface)
 
     def listenMulticast(

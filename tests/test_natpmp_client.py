@@ -8,6 +8,7 @@ from collections.abc import Callable, Hashable
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -25,6 +26,7 @@ from qbportsync.sources.announce import (
     Announcement,
     AnnouncementListener,
     NotAnnouncement,
+    RemapLimiter,
     decodeAnnouncement,
 )
 from qbportsync.sources.gatewaysource import NATPMPSource
@@ -343,6 +345,30 @@ class AnnouncementTests(SynchronousTestCase):
         ):
             error = self.assertRaises(NotAnnouncement, decodeAnnouncement, data)
             self.assertEqual(error.reason, reason)
+
+    def test_limiterWaitsAtRandom(self) -> None:
+        """The first remap is allowed after the random 0-5 s wait."""
+        clock = Clock()
+        limiter = RemapLimiter(clock, lambda: 0.3, Metrics.create())
+        self.assertEqual(limiter.delay("the gateway restarted", 30), 1.5)
+
+    def test_limiterOncePerPeriod(self) -> None:
+        """Within one period, further remaps are refused and counted."""
+        clock = Clock()
+        metrics = Metrics.create()
+        limiter = RemapLimiter(clock, lambda: 0.0, metrics)
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        allowed = []
+        for _ in range(600):
+            allowed.append(limiter.delay("forged", 30) is not None)
+            clock.advance(0.1)
+        self.assertEqual(allowed.count(True), 2)
+        self.assertEqual(dropped(metrics, "ratelimit"), 598)
+        said = [e for e in events if e["log_level"] >= LogLevel.info]
+        self.assertEqual(len(said), 2)
+        self.assertIn("299 more", said[1]["more"])
 
     def test_listenerDropsMalformed(self) -> None:
         """The listener counts a malformed datagram from the gateway."""

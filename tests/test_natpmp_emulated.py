@@ -62,8 +62,8 @@ class MovingGateway(EmulatedGateway):
         return Result.SUCCESS, port, lifetime
 
 
-class EmulatedGatewayMixin:
-    """The tests; subclasses choose the protocol."""
+class NATPMPEmulatedTests(SynchronousTestCase):
+    """NAT-PMP against the emulated gateway; the PCP tests subclass this."""
 
     method = "natpmp"
 
@@ -100,7 +100,7 @@ class EmulatedGatewayMixin:
 
     def start(self, source: GatewaySource) -> GatewaySource:
         source.start(self.delivered.append)
-        self.addCleanup(source.stop)  # type: ignore[attr-defined]
+        self.addCleanup(source.stop)
         return source
 
     def ports(self) -> list[int]:
@@ -133,10 +133,10 @@ class EmulatedGatewayMixin:
         while not self.reachable():
             calls = self.reactor.getDelayedCalls()
             if not calls:
-                self.fail("nothing left to happen")  # type: ignore[attr-defined]
+                self.fail("nothing left to happen")
             due = min(call.getTime() for call in calls)
             if due - started > limit:
-                self.fail(f"not reachable within {limit} s")  # type: ignore[attr-defined]
+                self.fail(f"not reachable within {limit} s")
             self.reactor.advance(max(0.0, due - self.reactor.seconds()))
         return round(self.reactor.seconds() - started, 3)
 
@@ -150,32 +150,30 @@ class EmulatedGatewayMixin:
         """Granted 1024 for internal 51413: 1024 mapped to 1024, and delivered."""
         self.started(allowed=(1024, 2000))
         elapsed = self.untilReachable(5)
-        self.assertEqual(self.ports(), [1024])  # type: ignore[attr-defined]
-        self.assertEqual(self.gateway.forwards("TCP", 1024), 1024)  # type: ignore[attr-defined]
-        self.assertEqual(self.gateway.forwards("UDP", 1024), 1024)  # type: ignore[attr-defined]
-        self.assertLess(elapsed, 0.1)  # type: ignore[attr-defined]
+        self.assertEqual(self.ports(), [1024])
+        self.assertEqual(self.gateway.forwards("TCP", 1024), 1024)
+        self.assertEqual(self.gateway.forwards("UDP", 1024), 1024)
+        self.assertLess(elapsed, 0.1)
         # Nothing left over: the 1024 -> 51413 mappings were deleted.
-        self.assertEqual(  # type: ignore[attr-defined]
-            sorted(self.gateway.mappings), [("TCP", 1024), ("UDP", 1024)]
-        )
+        self.assertEqual(sorted(self.gateway.mappings), [("TCP", 1024), ("UDP", 1024)])
 
     def test_convergedRenewals(self) -> None:
         """Once converged, renewals keep internal = external = 1024."""
         self.started(allowed=(1024, 2000))
         self.untilReachable(5)
         self.letPass(200)
-        self.assertTrue(self.reachable())  # type: ignore[attr-defined]
-        self.assertEqual(set(self.ports()), {1024})  # type: ignore[attr-defined]
+        self.assertTrue(self.reachable())
+        self.assertEqual(set(self.ports()), {1024})
 
     def test_proton(self) -> None:
         """ProtonVPN-style (X forwards to X): converges at the first remap."""
         self.started(style="proton")
         elapsed = self.untilReachable(5)
-        self.assertEqual(self.ports(), [40000])  # type: ignore[attr-defined]
-        self.assertLess(elapsed, 0.1)  # type: ignore[attr-defined]
+        self.assertEqual(self.ports(), [40000])
+        self.assertLess(elapsed, 0.1)
         self.letPass(300)
-        self.assertTrue(self.reachable())  # type: ignore[attr-defined]
-        self.assertEqual(set(self.ports()), {40000})  # type: ignore[attr-defined]
+        self.assertTrue(self.reachable())
+        self.assertEqual(set(self.ports()), {40000})
 
     def test_keepsMoving(self) -> None:
         """A gateway that never forwards X to X: a permanent trouble, no port."""
@@ -183,12 +181,12 @@ class EmulatedGatewayMixin:
         gateway = self.gateway
         self.letPass(1)
         (trouble,) = self.troubles()
-        self.assertTrue(trouble.permanent)  # type: ignore[attr-defined]
-        self.assertIn("never forwarded", trouble.cause)  # type: ignore[attr-defined]
-        self.assertEqual(self.ports(), [])  # type: ignore[attr-defined]
+        self.assertTrue(trouble.permanent)
+        self.assertIn("never forwarded", trouble.cause)
+        self.assertEqual(self.ports(), [])
         sent = len(gateway.heard)
         self.letPass(50)
-        self.assertEqual(len(gateway.heard), sent)  # type: ignore[attr-defined]
+        self.assertEqual(len(gateway.heard), sent)
 
     def test_silentOutage(self) -> None:
         """
@@ -202,9 +200,9 @@ class EmulatedGatewayMixin:
         down = self.reactor.seconds()
         self.letPass(180)
         perMinute = self.sentBetween(down + 60, down + 180) / 2
-        self.assertLessEqual(perMinute, 16)  # type: ignore[attr-defined]
-        self.assertGreaterEqual(perMinute, 6)  # type: ignore[attr-defined]
-        self.assertEqual(len({t.cause for t in self.troubles()}), 1)  # type: ignore[attr-defined]
+        self.assertLessEqual(perMinute, 16)
+        self.assertGreaterEqual(perMinute, 6)
+        self.assertEqual(len({t.cause for t in self.troubles()}), 1)
         worst = 0.0
         for offset in [n / 4 for n in range(40)]:
             self.gateway.up = False
@@ -216,7 +214,7 @@ class EmulatedGatewayMixin:
             f"\n{self.method} silent outage: {perMinute} datagrams a minute; "
             f"back within {worst} s (worst of 40 return times)"
         )
-        self.assertLessEqual(worst, 10)  # type: ignore[attr-defined]
+        self.assertLessEqual(worst, 10)
 
     def test_refusingGateway(self) -> None:
         """
@@ -228,13 +226,13 @@ class EmulatedGatewayMixin:
         self.start(source)
         self.letPass(60)
         causes = {t.cause for t in self.troubles()}
-        self.assertEqual(len(causes), 1)  # type: ignore[attr-defined]
-        self.assertIn("ICMP port unreachable", causes.pop())  # type: ignore[attr-defined]
+        self.assertEqual(len(causes), 1)
+        self.assertIn("ICMP port unreachable", causes.pop())
         times = [at for at, _, _ in self.gateway.heard]
         gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
-        self.assertLessEqual(max(gaps), 9.6 + 0.01)  # type: ignore[attr-defined]
-        self.assertGreater(len(self.reactor.udpPorts), 5)  # type: ignore[attr-defined]
-        self.assertLessEqual(len(self.reactor.open()), 2)  # type: ignore[attr-defined]
+        self.assertLessEqual(max(gaps), 9.6 + 0.01)
+        self.assertGreater(len(self.reactor.udpPorts), 5)
+        self.assertLessEqual(len(self.reactor.open()), 2)
         self.gateway.refusing = False
         elapsed = self.untilReachable(10)
         print(f"\n{self.method} refusing gateway answers: reachable in {elapsed} s")
@@ -245,15 +243,15 @@ class EmulatedGatewayMixin:
         self.untilReachable(5)
         self.letPass(10)
         self.gateway.reboot()
-        self.assertFalse(self.reachable())  # type: ignore[attr-defined]
+        self.assertFalse(self.reachable())
         listener = next(p for p in self.reactor.open() if p.port == 5350).protocol
         listener.datagramReceived(
             pcp.encodeResponse(pcp.AnnounceResponse(Result.SUCCESS, 0, 0)), SERVER
         )
         elapsed = self.untilReachable(6)
-        self.assertEqual(elapsed, 2.5)  # type: ignore[attr-defined]
+        self.assertEqual(elapsed, 2.5)
         # Counted once, and no second remap when the answers show it too.
-        self.assertEqual(  # type: ignore[attr-defined]
+        self.assertEqual(
             self.metrics.registry.get_sample_value(
                 "qb_port_sync_gateway_epoch_resets_total"
             ),
@@ -261,20 +259,20 @@ class EmulatedGatewayMixin:
         )
         sent = len(self.gateway.heard)
         self.letPass(5)
-        self.assertEqual(len(self.gateway.heard), sent)  # type: ignore[attr-defined]
+        self.assertEqual(len(self.gateway.heard), sent)
 
     def test_vpnUpAfterDaemon(self) -> None:
         """No route at start; the network event that brings one maps within 1.1 s."""
         self.started(route=SourceError("no route to the internet; is the VPN up?"))
         self.letPass(100)
-        self.assertEqual(self.ports(), [])  # type: ignore[attr-defined]
+        self.assertEqual(self.ports(), [])
         (cause,) = {t.cause for t in self.troubles()}
-        self.assertIn("is the VPN up?", cause)  # type: ignore[attr-defined]
-        self.assertFalse(any(t.permanent for t in self.troubles()))  # type: ignore[attr-defined]
+        self.assertIn("is the VPN up?", cause)
+        self.assertFalse(any(t.permanent for t in self.troubles()))
         self.paths.current = path(GATEWAY, TUNNEL)
         self.events.announce("link", "wg0")
         elapsed = self.untilReachable(5)
-        self.assertLessEqual(elapsed, 1.1)  # type: ignore[attr-defined]
+        self.assertLessEqual(elapsed, 1.1)
         print(f"\n{self.method} VPN up after the daemon: reachable in {elapsed} s")
 
     def test_vpnUpWithoutEvents(self) -> None:
@@ -282,7 +280,7 @@ class EmulatedGatewayMixin:
         self.started(route=SourceError("no route"))
         self.letPass(100)
         self.paths.current = path(GATEWAY, TUNNEL)
-        self.assertLessEqual(self.untilReachable(10), 9.6)  # type: ignore[attr-defined]
+        self.assertLessEqual(self.untilReachable(10), 9.6)
 
     def test_newGateway(self) -> None:
         """A new gateway on a new path: asked from the new address within 1.1 s."""
@@ -292,9 +290,9 @@ class EmulatedGatewayMixin:
         self.paths.current = path("198.51.100.9", "198.51.100.3")
         self.gateway = other
         self.events.announce("route", "wg0")
-        self.assertLessEqual(self.untilReachable(5), 1.1)  # type: ignore[attr-defined]
+        self.assertLessEqual(self.untilReachable(5), 1.1)
         (socket,) = [p for p in self.reactor.open() if p.connectedTo]
-        self.assertEqual(  # type: ignore[attr-defined]
+        self.assertEqual(
             (socket.connectedTo, socket.interface),
             (("198.51.100.9", 5351), "198.51.100.3"),
         )
@@ -311,12 +309,29 @@ class EmulatedGatewayMixin:
         self.events.announce("address", "wg0")
         self.events.announce("route", "wg0")
         elapsed = self.untilReachable(5)
-        self.assertFalse(old.listening)  # type: ignore[attr-defined]
-        self.assertEqual(self.socket().interface, "198.51.100.3")  # type: ignore[attr-defined]
+        self.assertFalse(old.listening)
+        self.assertEqual(self.socket().interface, "198.51.100.3")
         clients = {client for at, client, _ in self.gateway.heard if at >= changed}
-        self.assertEqual(clients, {"198.51.100.3"})  # type: ignore[attr-defined]
-        self.assertLessEqual(elapsed, 1.1)  # type: ignore[attr-defined]
+        self.assertEqual(clients, {"198.51.100.3"})
+        self.assertLessEqual(elapsed, 1.1)
         print(f"\n{self.method} new tunnel address: reachable in {elapsed} s")
+
+    def test_addressGoneBeforeBind(self) -> None:
+        """An address gone between lookup and bind: a passing trouble, then mapped."""
+        source = self.makeSource(route=path(GATEWAY, "198.51.100.7"))
+        self.reactor.missing.add("198.51.100.7")
+        self.start(source)
+        (trouble,) = self.troubles()
+        self.assertIn("cannot open a socket from 198.51.100.7", trouble.cause)
+        self.assertFalse(trouble.permanent)
+        self.reactor.missing.clear()
+        self.assertLessEqual(self.untilReachable(2), 1.01)
+
+    def test_oneShotAddressGone(self) -> None:
+        """The one-shot fails with SourceError (exit 1) when it cannot bind."""
+        source = self.makeSource(route=path(GATEWAY, "198.51.100.7"))
+        self.reactor.missing.add("198.51.100.7")
+        self.failureResultOf(source.fetchOnce(), SourceError)
 
     def test_quietNetworkEvent(self) -> None:
         """A network event that changes nothing on our path sends nothing."""
@@ -325,7 +340,7 @@ class EmulatedGatewayMixin:
         sent = len(self.gateway.heard)
         self.events.announce("link", "docker0")
         self.letPass(2)
-        self.assertEqual(len(self.gateway.heard), sent)  # type: ignore[attr-defined]
+        self.assertEqual(len(self.gateway.heard), sent)
 
     def test_networkEventsDebounced(self) -> None:
         """A burst of network events looks at the path once."""
@@ -335,7 +350,7 @@ class EmulatedGatewayMixin:
         for _ in range(50):
             self.events.announce("route", "wg0")
         self.letPass(2)
-        self.assertEqual(self.paths.asked, asked + 1)  # type: ignore[attr-defined]
+        self.assertEqual(self.paths.asked, asked + 1)
 
     def test_notAuthorized(self) -> None:
         """Refused by principle: one permanent trouble, asked again after minutes."""
@@ -344,23 +359,23 @@ class EmulatedGatewayMixin:
         self.start(source)
         self.letPass(400)
         (cause,) = {t.cause for t in self.troubles()}
-        self.assertIn("not authorized", cause.lower())  # type: ignore[attr-defined]
-        self.assertTrue(all(t.permanent for t in self.troubles()))  # type: ignore[attr-defined]
+        self.assertIn("not authorized", cause.lower())
+        self.assertTrue(all(t.permanent for t in self.troubles()))
         times = sorted({round(at) for at, _, _ in self.gateway.heard})
-        self.assertEqual(times, [0, 60, 180])  # type: ignore[attr-defined]
+        self.assertEqual(times, [0, 60, 180])
         self.gateway.refusal = None
         self.events.announce("route", "wg0")
         self.letPass(NETWORK_SETTLE)
-        self.assertLess(self.untilReachable(1), 0.01)  # type: ignore[attr-defined]
+        self.assertLess(self.untilReachable(1), 0.01)
 
     def test_configErrorPermanent(self) -> None:
         """No gateway on the VPN route: a permanent trouble naming the fix."""
         self.started(route=ConfigError('no gateway; set gateway = "10.2.0.1"'))
         self.letPass(200)
-        self.assertEqual(self.paths.asked, 3)  # type: ignore[attr-defined]
+        self.assertEqual(self.paths.asked, 3)
         (cause,) = {t.cause for t in self.troubles()}
-        self.assertIn('gateway = "10.2.0.1"', cause)  # type: ignore[attr-defined]
-        self.assertTrue(all(t.permanent for t in self.troubles()))  # type: ignore[attr-defined]
+        self.assertIn('gateway = "10.2.0.1"', cause)
+        self.assertTrue(all(t.permanent for t in self.troubles()))
         # The network changes: asked again at once.
         self.paths.current = path(GATEWAY, TUNNEL)
         self.events.announce("route", "wg0")
@@ -370,13 +385,13 @@ class EmulatedGatewayMixin:
         """A long refusal logs nothing above info: PortSync warns once per cause."""
         events: list[LogEvent] = []
         globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)  # type: ignore[attr-defined]
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         source = self.makeSource()
         self.gateway.refusing = True
         self.start(source)
         self.letPass(300)
         loud = [e for e in events if e["log_level"] >= LogLevel.warn]
-        self.assertEqual(loud, [])  # type: ignore[attr-defined]
+        self.assertEqual(loud, [])
 
     def test_announcementFromStranger(self) -> None:
         """Announcements from another host cannot make us remap."""
@@ -392,9 +407,5 @@ class EmulatedGatewayMixin:
                 sender,
             )
         self.letPass(6)
-        self.assertEqual(len(self.gateway.heard), sent)  # type: ignore[attr-defined]
-        self.assertEqual(dropped(self.metrics, "stranger"), 2)  # type: ignore[attr-defined]
-
-
-class NATPMPEmulatedTests(EmulatedGatewayMixin, SynchronousTestCase):
-    """NAT-PMP against the emulated gateway."""
+        self.assertEqual(len(self.gateway.heard), sent)
+        self.assertEqual(dropped(self.metrics, "stranger"), 2)

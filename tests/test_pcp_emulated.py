@@ -5,15 +5,13 @@ test_natpmp_emulated, and what PCP adds (client address, nonces, fallback).
 
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
-
 from qbportsync.sources import pcp
 from qbportsync.sources.gatewaysource import GatewaySource, PCPSource
+from tests import test_natpmp_emulated
 from tests.fakeudp import GATEWAY, SERVER, path
-from tests.test_natpmp_emulated import EmulatedGatewayMixin
 
 
-class PCPEmulatedTests(EmulatedGatewayMixin, SynchronousTestCase):
+class PCPEmulatedTests(test_natpmp_emulated.NATPMPEmulatedTests):
     """PCP against the emulated gateway."""
 
     method = "pcp"

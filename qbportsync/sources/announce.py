@@ -12,7 +12,11 @@ from ipaddress import IPv4Address
 from typing import Literal
 
 from attrs import frozen
-from twisted.internet.interfaces import IMulticastTransport, IReactorMulticast
+from twisted.internet.interfaces import (
+    IMulticastTransport,
+    IReactorMulticast,
+    IReactorTime,
+)
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,6 +28,8 @@ _log = Logger()
 
 GROUP = "224.0.0.1"
 PORT = 5350
+REMAP_DELAY_MAX = 5.0
+"""Seconds; a random wait up to this spreads remaps after a reboot (RFC 6886 §3.7)."""
 _PCP_MAX = 1100
 _PCP_MAP_RESPONSE = b"\x02\x81"
 
@@ -135,6 +141,43 @@ class AnnouncementListener(DatagramProtocol):
             protocol=announcement.protocol,
         )
         self._onAnnouncement(announcement)
+
+
+class RemapLimiter:
+    """
+    What a gateway says unasked may be said by a forger too: allow a remap
+    after RFC 6886's random 0-5 s at most once per C{period}, log the first
+    of a burst and count the rest (metric C{datagrams_dropped{reason=
+    "ratelimit"}}).
+    """
+
+    def __init__(
+        self, clock: IReactorTime, random: Callable[[], float], metrics: Metrics
+    ) -> None:
+        self._clock = clock
+        self._random = random
+        self._metrics = metrics
+        self._last: float | None = None
+        self._ignored = 0
+
+    def delay(self, what: str, period: float) -> float | None:
+        """Seconds to wait before remapping for C{what}; None when too soon."""
+        now = self._clock.seconds()
+        if self._last is not None and now < self._last + period:
+            self._ignored += 1
+            self._metrics.datagrams_dropped.labels(reason="ratelimit").inc()
+            _log.debug("{what}; a remap was done lately, ignored", what=what)
+            return None
+        self._last = now
+        delay = self._random() * REMAP_DELAY_MAX
+        ignored, self._ignored = self._ignored, 0
+        _log.info(
+            "{what}; mapping again in {delay:.1f}s{more}",
+            what=what,
+            delay=delay,
+            more=f" ({ignored} more announcements ignored before)" if ignored else "",
+        )
+        return delay
 
 
 def listenForAnnouncements(

@@ -53,11 +53,11 @@ from qbportsync.metrics import Metrics
 from qbportsync.sources.announce import (
     Announcement,
     AnnouncementListener,
+    RemapLimiter,
     listenForAnnouncements,
 )
 from qbportsync.sources.gateway import GatewayPath, resolvePath
 from qbportsync.sources.lease import (
-    RESET_DELAY_MAX,
     EpochTracker,
     Failed,
     Grant,
@@ -134,14 +134,14 @@ class GatewaySource:
         self._path: GatewayPath | None = None
         self._announcePort: IListeningPort | None = None
         self._listener: AnnouncementListener | None = None
+        self._listenerPath: GatewayPath | None = None
         self._keeper: LeaseKeeper | None = None
         self._deliver: Report = lambda seen: None
         self._unsubscribe: Callable[[], None] | None = None
         self._networkTimer: IDelayedCall | None = None
         self._probing = False
         self._resetAnnounced = False
-        self._lastAnnouncedRemap: float | None = None
-        self._ignoredAnnouncements = 0
+        self._limiter = RemapLimiter(reactor, random, metrics)
 
     @property
     def name(self) -> str:
@@ -219,19 +219,24 @@ class GatewaySource:
                 route=path.route,
             )
         self._path = path
-        self._mapper = self._methods[self._index].open(
-            MapperContext(
-                self._reactor,
-                path.gateway,
-                path.source,
-                self._metrics,
-                self._random,
-                self._epochSeen,
-                self._announcedEpoch,
-                self._changed,
-                self._nonces,
-            )
+        context = MapperContext(
+            self._reactor,
+            path.gateway,
+            path.source,
+            self._metrics,
+            self._random,
+            self._epochSeen,
+            self._announcedEpoch,
+            self._changed,
+            self._nonces,
         )
+        try:
+            self._mapper = self._methods[self._index].open(context)
+        except CannotListenError as e:
+            # The address went away between the route lookup and the bind.
+            raise SourceError(
+                f"cannot open a socket from {path.source or 'any address'}: {e}"
+            ) from e
         if self._keeper is not None:
             self._listenForAnnouncements(path)
         return self._mapper
@@ -247,9 +252,10 @@ class GatewaySource:
         d.addErrback(lambda f: _log.failure("closing the gateway socket", failure=f))
 
     def _listenForAnnouncements(self, path: GatewayPath) -> None:
-        if self._listener is not None and self._listener.gateway == path.gateway:
+        if self._listener is not None and self._listenerPath == path:
             return
         self._closeAnnouncements()
+        self._listenerPath = path
         self._listener = AnnouncementListener(
             path.gateway,
             self._announced,
@@ -545,28 +551,15 @@ class GatewaySource:
         keeper = self._keeper
         if keeper is None or not (remap or keeper.failing):
             return
-        now = self._reactor.seconds()
         period = keeper.renewalPeriod or halfLifetime(
             self._config.portmap.lifetime_secs
         )
-        last = self._lastAnnouncedRemap
-        if last is not None and now < last + period:
-            self._ignoredAnnouncements += 1
-            self._metrics.datagrams_dropped.labels(reason="ratelimit").inc()
-            _log.debug("{what}; a remap was done lately, ignored", what=what)
+        delay = self._limiter.delay(what, period)
+        if delay is None:
             return
-        self._lastAnnouncedRemap = now
         if reset:
             self._metrics.epoch_resets.inc()
             self._resetAnnounced = True
-        delay = self._random() * RESET_DELAY_MAX
-        ignored, self._ignoredAnnouncements = self._ignoredAnnouncements, 0
-        _log.info(
-            "{what}; mapping again in {delay:.1f}s{more}",
-            what=what,
-            delay=delay,
-            more=f" ({ignored} more announcements ignored before)" if ignored else "",
-        )
         keeper.remapSoon(delay)
 
     async def _stop(self) -> None:

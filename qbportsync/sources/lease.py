@@ -31,8 +31,6 @@ from qbportsync.sources.wire import EpochSample, IPProto
 
 _log = Logger()
 
-RESET_DELAY_MAX = 5.0
-"""Seconds; a random wait up to this spreads remaps after a reboot (RFC 6886 §3.7)."""
 RETRY_FIRST = 1.0
 RETRY_MAX = RETRANSMIT_CAP
 """
