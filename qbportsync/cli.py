@@ -95,9 +95,13 @@ async def applyOnce(
     """
     try:
         forwarded = await source.fetchOnce()
-    except (ConfigError, SourceUnavailable) as e:
-        # A gateway that cannot be found (no default route, a WireGuard
-        # link) is this host's state, whatever the strategy: code 3.
+    except ConfigError as e:
+        # A setting only the source could judge: [gluetun] api_key, or
+        # autodiscover_gateway off with no gateway.
+        return Outcome(EXIT_CONFIG, source.name, note=str(e))
+    except SourceUnavailable as e:
+        # No route to find a gateway on is this host's state, code 3
+        # whatever the strategy.
         return Outcome(EXIT_UNSUPPORTED, source.name, note=str(e))
     except SourceError as e:
         return Outcome(EXIT_TRANSIENT, source.name, note=str(e))

@@ -68,19 +68,20 @@ class ApplyOnceTests(SynchronousTestCase):
         )
         self.assertEqual((outcome.code, outcome.note), (3, "no VPN client"))
 
-    def test_noGatewaySameCodeForEveryStrategy(self) -> None:
-        """
-        No gateway to be found from the routes is exit 3 with the fix,
-        whether natpmp, pcp or auto asked.
-        """
-        for name, error in [
-            ("natpmp", ConfigError('no default route; set gateway = "10.2.0.1"')),
-            ("pcp", ConfigError('no default route; set gateway = "10.2.0.1"')),
-            ("pcp", SourceUnavailable('no default route; gateway = "10.2.0.1"')),
-        ]:
+    def test_noRouteSameCodeForEveryStrategy(self) -> None:
+        """No route to find a gateway on: exit 3 with the fix, natpmp or pcp."""
+        for name in ("natpmp", "pcp"):
+            error = SourceUnavailable('no route; or set gateway = "10.2.0.1"')
             outcome = self.run_(FakeSource(name=name, once=error), FakeSink())
             self.assertEqual((outcome.strategy, outcome.code), (name, 3))
             self.assertIn("10.2.0.1", outcome.note)
+
+    def test_sourceConfigError(self) -> None:
+        """A setting the source refuses (a wrong API key): exit 2, naming it."""
+        error = ConfigError("gluetun refused the API key ([gluetun] api_key)")
+        outcome = self.run_(FakeSource(name="gluetun", once=error), FakeSink())
+        self.assertEqual(outcome.code, 2)
+        self.assertIn("[gluetun] api_key", outcome.note)
 
     def test_bindAddressNotHere(self) -> None:
         """A bind_address this host does not have: exit 2, naming the key."""
