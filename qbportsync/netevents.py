@@ -146,7 +146,7 @@ class KernelEvents(Service):
                 self._refresh()
                 continue
             if not datagram:
-                break
+                continue  # an empty datagram says nothing
             try:
                 changes.extend(self._decoder.decode(datagram))
             except ValueError as e:

@@ -315,12 +315,23 @@ def lookupRoute(destination: str, interface: str = "") -> RouteAnswer:
             datagram = sock.recv(65536)
         except BlockingIOError:
             raise RouteError(errno.ETIMEDOUT, "the kernel did not answer") from None
-    for message in parseMessages(datagram):
-        if message.type == NLMSG_ERROR:
-            code = parseError(message)
-            raise RouteError(code, os.strerror(code))
-        if message.type == RTM_NEWROUTE:
-            return parseRouteAnswer(message)
+    return routeFromAnswer(datagram)
+
+
+def routeFromAnswer(datagram: bytes) -> RouteAnswer:
+    """
+    The route in the kernel's answer to an RTM_GETROUTE; L{RouteError} when
+    the kernel refused (no route: ENETUNREACH) or the answer is unreadable.
+    """
+    try:
+        for message in parseMessages(datagram):
+            if message.type == NLMSG_ERROR:
+                code = parseError(message)
+                raise RouteError(code, os.strerror(code))
+            if message.type == RTM_NEWROUTE:
+                return parseRouteAnswer(message)
+    except ParseError as e:
+        raise RouteError(errno.EPROTO, f"unreadable answer: {e.reason}") from e
     raise RouteError(errno.EPROTO, "the kernel's answer held no route")
 
 

@@ -67,6 +67,7 @@ from qbportsync.netlink import (
     parseError,
     parseMessages,
     parseRouteAnswer,
+    routeFromAnswer,
     tableName,
 )
 from qbportsync.routesocket import (
@@ -291,6 +292,21 @@ class RouteCodecTests(SynchronousTestCase):
         error = parsed(message(NLMSG_ERROR, struct.pack("=i", -errno.ENETUNREACH)))
         self.assertEqual(parseError(error), errno.ENETUNREACH)
         self.assertRaises(ParseError, parseError, parsed(message(NLMSG_ERROR, b"")))
+
+    def test_routeFromAnswer(self) -> None:
+        """The kernel's refusal, an unreadable answer or none are RouteErrors."""
+        answer = route(
+            RTM_NEWROUTE, 3, extra=attribute(RTA_PREFSRC, b"\x0a\x02\x00\x02")
+        )
+        self.assertEqual(
+            routeFromAnswer(answer), RouteAnswer("", 254, 3, "", "10.2.0.2")
+        )
+        refusal = message(NLMSG_ERROR, struct.pack("=i", -errno.ENETUNREACH))
+        error = self.assertRaises(RouteError, routeFromAnswer, refusal)
+        self.assertEqual(error.errno, errno.ENETUNREACH)
+        for unreadable in (b"\x01\x02", message(NLMSG_DONE, b"\0" * 4)):
+            error = self.assertRaises(RouteError, routeFromAnswer, unreadable)
+            self.assertEqual(error.errno, errno.EPROTO)
 
     def test_tableNames(self) -> None:
         """Tables are named as ip route names them."""
@@ -630,6 +646,19 @@ class KernelEventsTests(SynchronousTestCase):
         self.sock.incoming += [b"\x01\x02", link(RTM_DELLINK, 5, "wg0")]
         self.events.doRead()
         self.assertEqual(self.seen, [NetworkChange("link", "wg0", False)])
+
+    @given(st.lists(st.binary(max_size=120), max_size=8))
+    def test_anyDatagrams(self, datagrams: list[bytes]) -> None:
+        """Whatever the socket gives, a read tells changes and never raises."""
+        sock = FakeSocket()
+        events = KernelEvents(FDReactor(), SocketDecoder(sock))
+        seen: list[NetworkChange] = []
+        events.subscribe(seen.append)
+        events.startService()
+        sock.incoming += datagrams
+        events.doRead()
+        self.assertTrue(all(isinstance(c, NetworkChange) for c in seen))
+        self.assertEqual(sock.incoming, [])
 
     def test_overrun(self) -> None:
         """Lost changes (ENOBUFS): "something changed" is told, names are refreshed."""

@@ -107,6 +107,8 @@ def _linuxPath(config: Config) -> GatewayPath:
 
 @frozen
 class DarwinRoute:
+    """What C{route -n get} on macOS says about one route."""
+
     interface: str
     gateway: str
     """Empty when the route names no IPv4 next hop (utun point-to-point)."""
