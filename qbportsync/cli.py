@@ -13,7 +13,6 @@ from typing import Any, NoReturn, TextIO
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
-from twisted.internet.error import CannotListenError
 from twisted.internet.task import react
 from twisted.logger import Logger, LogLevel, globalLogBeginner
 from twisted.python import usage
@@ -105,15 +104,6 @@ async def applyOnce(
         return Outcome(EXIT_UNSUPPORTED, source.name, note=str(e))
     except SourceError as e:
         return Outcome(EXIT_TRANSIENT, source.name, note=str(e))
-    except CannotListenError as e:
-        # The one socket a source opens is the gateway's, from bind_address.
-        why = getattr(e.socketError, "strerror", None) or str(e.socketError)
-        return Outcome(
-            EXIT_CONFIG,
-            source.name,
-            note=f"portmap.bind_address {e.interface}: cannot send from it ({why}); "
-            "it must be an address of this host, such as the VPN's",
-        )
     if not 1 <= forwarded.port <= 65535:
         return Outcome(
             EXIT_TRANSIENT,

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.filepath import FilePath
@@ -82,14 +81,6 @@ class ApplyOnceTests(SynchronousTestCase):
         outcome = self.run_(FakeSource(name="gluetun", once=error), FakeSink())
         self.assertEqual(outcome.code, 2)
         self.assertIn("[gluetun] api_key", outcome.note)
-
-    def test_bindAddressNotHere(self) -> None:
-        """A bind_address this host does not have: exit 2, naming the key."""
-        error = CannotListenError("192.0.2.77", 0, OSError(99, "Cannot assign"))
-        outcome = self.run_(FakeSource(name="natpmp", once=error), FakeSink())
-        self.assertEqual(outcome.code, 2)
-        self.assertIn("portmap.bind_address 192.0.2.77", outcome.note)
-        self.assertIn("Cannot assign", outcome.note)
 
     def test_portZero(self) -> None:
         """A gateway granting port 0: exit 1, and qBittorrent is not asked."""
