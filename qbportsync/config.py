@@ -14,6 +14,8 @@ writable by their owner only (`checkTrusted`).
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import ipaddress
 import json
 import math
@@ -254,7 +256,32 @@ def _onReadOnlyMount(path: str) -> bool:
         return False
 
 
-def checkTrusted(path: str, uid: int) -> str | None:
+def _adminGroups(platform: str) -> frozenset[int]:
+    groups = {0}
+    if platform == "darwin":
+        with contextlib.suppress(KeyError):
+            groups.add(grp.getgrnam("admin").gr_gid)
+    return frozenset(groups)
+
+
+ADMIN_GROUPS = _adminGroups(sys.platform)
+"""
+Groups whose members may act as root anyway, so that their write access
+is no one else's: root's own group, and on macOS the administrators (who
+may use sudo, and own Homebrew's directories there, group-writable).
+"""
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def checkTrusted(
+    path: str, uid: int, adminGroups: frozenset[int] = ADMIN_GROUPS
+) -> str | None:
     """
     Why someone other than root or C{uid} could change what C{path} holds,
     with the command that fixes it, or L{None} when no one else can.
@@ -266,7 +293,8 @@ def checkTrusted(path: str, uid: int) -> str | None:
     bit (C{/tmp}) is fine: there no one can replace what another user owns,
     and what lies below it is checked for its owner.  So is anything on a
     read-only mount, such as a container's C{:ro} volume, whose owner is a
-    user of the host: no one here can change it.
+    user of the host: no one here can change it; and write access for one
+    of the C{adminGroups}.
     """
     trusted = {0, uid}
     for follow in (False, True):
@@ -283,14 +311,18 @@ def checkTrusted(path: str, uid: int) -> str | None:
                     f"not to root or {_owner(uid)}; fix it with: chown root {step}"
                 )
             mode = stat.S_IMODE(info.st_mode)
+            writers = mode & 0o022
+            if info.st_gid in adminGroups:
+                writers &= ~0o020
             if (
                 stat.S_ISLNK(info.st_mode)
-                or not mode & 0o022
+                or not writers
                 or (stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX)
             ):
                 continue
-            who = {0o020: "its group", 0o002: "all users"}.get(
-                mode & 0o022, "its group and all users"
+            group = f"its group {_group(info.st_gid)}"
+            who = {0o020: group, 0o002: "all users"}.get(
+                writers, f"{group} and all users"
             )
             return (
                 f"{step} is writable by {who} (mode {mode:04o}), not only by its "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from qbportsync.config import (
     PortmapConfig,
     ProtonVPNConfig,
     QBittorrentConfig,
+    checkTrusted,
     defaultForwardedPortPath,
     findConfig,
     loadConfig,
@@ -997,15 +999,27 @@ class IntegrityTests(ConfigTestCase):
         path = self.place(self.directory(), "config.toml", "", mode=0o666)
         self.assertEqual(
             self.refused(path),
-            f"{path}: other users could change it: {path} is writable by its group "
-            f"and all users (mode 0666), not only by its owner; fix it with: "
+            f"{path}: other users could change it: {path} is writable by all "
+            f"users (mode 0666), not only by its owner; fix it with: "
             f"chmod go-w {path}",
         )
 
     def test_groupWritableConfig(self) -> None:
-        """Write access for the group alone is enough to refuse."""
+        """Write access for a group of ordinary users is enough to refuse."""
         path = self.place(self.directory(), "config.toml", "", mode=0o620)
-        self.assertIn("is writable by its group (mode 0620)", self.refused(path))
+        os.chown(path, -1, NOBODY)
+        group = grp.getgrgid(NOBODY).gr_name
+        self.assertIn(
+            f"is writable by its group {group} (mode 0620)", self.refused(path)
+        )
+
+    def test_adminGroupMayWrite(self) -> None:
+        """Root's group (and macOS's admin) writing is root writing."""
+        path = self.place(self.directory(mode=0o775), "config.toml", "", mode=0o660)
+        self.assertEqual(checkTrusted(path, 4242), None)
+        os.chown(path, -1, NOBODY)
+        self.assertIn("its group", checkTrusted(path, 4242) or "")
+        self.assertEqual(checkTrusted(path, 4242, frozenset({0, NOBODY})), None)
 
     def test_foreignOwner(self) -> None:
         """A config file of another user is refused with the chown that fixes it."""
@@ -1030,9 +1044,7 @@ class IntegrityTests(ConfigTestCase):
         os.mkdir(inner, 0o755)
         path = self.place(inner, "config.toml", "")
         message = self.refused(path)
-        self.assertIn(
-            f"{outer} is writable by its group and all users (mode 0777)", message
-        )
+        self.assertIn(f"{outer} is writable by all users (mode 0777)", message)
         self.assertTrue(message.endswith(f"fix it with: chmod go-w {outer}"), message)
 
     def test_foreignDirectoryAbove(self) -> None:
