@@ -4,10 +4,12 @@ in the rig's I{gw} namespace in place of miniupnpd, answers NAT-PMP and PCP
 on udp/5351, and grants every client the same external port X whatever it
 asks, forwarding X to port X of the client (not to the internal port the
 request named), for UDP and TCP alike, with a fixed lifetime.  The
-forwarding is real: nft rules in miniupnpd's chains.  One JSON line per
-datagram heard.
+forwarding is real: nft rules in miniupnpd's chains.  With C{refuse}, it
+refuses every mapping at once instead (NAT-PMP result 2, PCP
+NOT_AUTHORIZED), as a gateway without port forwarding for this account.
+One JSON line per datagram heard.
 
-    python -m tests.protongateway BIND EXTERNAL PORT LIFETIME
+    python -m tests.protongateway BIND EXTERNAL PORT LIFETIME [refuse]
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ _PROTOCOLS = {1: "udp", 2: "tcp"}
 """NAT-PMP opcodes."""
 _IANA = {17: "udp", 6: "tcp"}
 """PCP protocol numbers."""
+_NOT_AUTHORIZED = 2
+"""NAT-PMP's "refused" and PCP's NOT_AUTHORIZED alike."""
 
 
 class ProtonGateway:
     """The gateway's state: its epoch and the rules it installed."""
 
-    def __init__(self, external: str, port: int, lifetime: int) -> None:
+    def __init__(self, external: str, port: int, lifetime: int, refuse: bool) -> None:
         self.external = external
         self.port = port
         self.lifetime = lifetime
+        self.refuse = refuse
         self.started = time.monotonic()
         self.installed: set[tuple[str, str]] = set()
 
@@ -61,6 +66,10 @@ class ProtonGateway:
             return None
         _, op, _, internal, _, lifetime = struct.unpack("!BBHHHI", data)
         granted, external = 0, 0
+        if self.refuse:
+            return struct.pack(
+                "!BBHIHHI", 0, 128 + op, _NOT_AUTHORIZED, self.epoch(), internal, 0, 0
+            )
         if lifetime:
             self.forward(_PROTOCOLS[op], client)
             granted, external = self.lifetime, self.port
@@ -78,20 +87,22 @@ class ProtonGateway:
         if opcode != 1 or len(data) < 60:
             return None
         nonce, protocol, internal = data[24:36], data[36], data[40:42]
-        granted, external = 0, 0
-        if lifetime and protocol in _IANA:
+        granted, external, result = 0, 0, 0
+        if self.refuse:
+            granted, result = self.lifetime, _NOT_AUTHORIZED
+        elif lifetime and protocol in _IANA:
             self.forward(_IANA[protocol], client)
             granted, external = self.lifetime, self.port
         mapped = ipaddress.IPv4Address(self.external).packed
-        header = struct.pack("!BBBBII12x", 2, 0x81, 0, 0, granted, self.epoch())
+        header = struct.pack("!BBBBII12x", 2, 0x81, 0, result, granted, self.epoch())
         body = nonce + bytes([protocol, 0, 0, 0]) + internal
         body += struct.pack("!H", external) + b"\0" * 10 + b"\xff\xff" + mapped
         return header + body
 
 
-def serve(bind: str, external: str, port: int, lifetime: int) -> None:
+def serve(bind: str, external: str, port: int, lifetime: int, refuse: bool) -> None:
     """Answer on C{bind}:5351 until killed."""
-    gateway = ProtonGateway(external, port, lifetime)
+    gateway = ProtonGateway(external, port, lifetime, refuse)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
         server.bind((bind, 5351))
         print(json.dumps({"listening": True}), flush=True)
@@ -115,4 +126,10 @@ def serve(bind: str, external: str, port: int, lifetime: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    serve(
+        sys.argv[1],
+        sys.argv[2],
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+        sys.argv[5:] == ["refuse"],
+    )

@@ -95,6 +95,17 @@ table inet outage {
 """
 
 
+_DEVICES = ("null", "zero", "random", "urandom", "console")
+"""What miniupnpd's private /dev holds, besides the log socket."""
+_SYSLOG = """\
+import socket, sys
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
+    log.bind(sys.argv[1])
+    while True:
+        log.recv(65536)
+"""
+
+
 def requireGatewayTools() -> None:
     """Skip (or fail) unless the gateway rig can be built here."""
     requireRoot()
@@ -145,6 +156,11 @@ class Miniupnpd:
         self.conf.write_text(conf)
         self.logPath = rig.directory / f"{name}.log"
         self.pidPath = rig.directory / f"{name}.pid"
+        self.dev = rig.directory / f"{name}-dev"
+        self.dev.mkdir()
+        for node in _DEVICES:
+            (self.dev / node).touch()
+        self.syslog: subprocess.Popen[bytes] | None = None
 
     def log(self) -> str:
         """Everything it wrote, all runs."""
@@ -158,12 +174,22 @@ class Miniupnpd:
         """Start it; seconds until it has its external address."""
         assert not self.running
         before = self.log().count(_READY)
-        # With no syslog, miniupnpd writes each line to /dev/console too, which
-        # is slow enough to cause retransmissions: silence that copy.
-        # A PID file of its own: the default one is shared by every miniupnpd
-        # on the host, and a second one refuses to start.
+        self._startSyslog()
+        # With no syslog, miniupnpd opens /dev/console for every line it logs
+        # (besides writing it to stderr, our log): slow enough to delay its
+        # answers by seconds when it logs a line per port it tries.  In a
+        # mount namespace of its own it gets a /dev with a /dev/log that
+        # takes the lines and drops them.  And a PID file of its own: the
+        # default one is shared by every miniupnpd on the host, and a second
+        # one refuses to start.
+        binds = " && ".join(
+            f"mount --bind /dev/{node} {self.dev / node}"
+            for node in _DEVICES
+            if node != "console"
+        )
         script = (
-            "mount --bind /dev/null /dev/console && "
+            f"{binds} && mount --bind /dev/null {self.dev / 'console'} && "
+            f"mount --rbind {self.dev} /dev && "
             f"exec miniupnpd -f {self.conf} -P {self.pidPath} -d"
         )
         with open(self.logPath, "ab") as out:
@@ -184,6 +210,16 @@ class Miniupnpd:
             return self.log().count(_READY) > before
 
         return waitFor(ready, "miniupnpd to get its external address", 15, 0.01)
+
+    def _startSyslog(self) -> None:
+        if self.syslog is not None:
+            return
+        path = self.dev / "log"
+        self.syslog = subprocess.Popen(
+            [sys.executable, "-c", _SYSLOG, str(path)], stdin=subprocess.DEVNULL
+        )
+        self.rig.adopt(self.syslog)
+        waitFor(path.exists, "the syslog socket", 10, 0.01)
 
     def stop(self) -> None:
         """Stop it by PID and flush its rules, which it leaves behind."""

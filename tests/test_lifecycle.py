@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from attrs import frozen
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.rig import requireTool, stopProcess, waitFor
+from tests.rig import requireTool, waitFor
 from tests.rig_gateway import (
     GATEWAY_EXTERNAL,
     PROJECT,
@@ -203,6 +203,23 @@ class _Lifecycle:
             self.fail(f"{e}\n{self.diagnostics()}")
         return seen[0]
 
+    def startProtonGateway(self, *mode: str) -> None:
+        """L{tests.protongateway} in gw, in place of miniupnpd."""
+        rig = self.rig
+        heard = rig.directory / "proton.jsonl"
+        argv = [sys.executable, "-m", "tests.protongateway", rig.gatewayAddress]
+        argv += [GATEWAY_EXTERNAL, str(PROTON_PORT), str(LIFETIME), *mode]
+        with open(heard, "wb") as out:
+            proton = subprocess.Popen(
+                rig.command(rig.gw, argv),
+                cwd=PROJECT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        rig.adopt(proton)
+        waitFor(lambda: heard.read_text().startswith("{"), "the gateway to listen", 10)
+
     def assertLANRouterUntouched(self) -> None:
         """Nothing reached the home router's udp/5351; it maps nothing."""
         heard = self.rig.requestsHeard(self.rig.lan)
@@ -242,34 +259,12 @@ class _Scenarios(_Lifecycle):
         whatever internal port was asked: qBittorrent moves to X and a peer
         connects.
         """
-        rig = self.build(gateway=False)
-        heard = rig.directory / "proton.jsonl"
-        with open(heard, "wb") as out:
-            proton = subprocess.Popen(
-                rig.command(
-                    rig.gw,
-                    [
-                        sys.executable,
-                        "-m",
-                        "tests.protongateway",
-                        rig.gatewayAddress,
-                        GATEWAY_EXTERNAL,
-                        str(PROTON_PORT),
-                        "8",
-                    ],
-                ),
-                cwd=PROJECT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        rig.adopt(proton)
-        waitFor(lambda: heard.read_text().startswith("{"), "the gateway to listen", 10)
+        self.build(gateway=False)
+        self.startProtonGateway()
         started = time.monotonic()
         self.startDaemon()
         port = self.reachable("proton-style gateway", started, START_LIMIT)
         self.assertEqual(port, PROTON_PORT)
-        stopProcess(proton)
 
     # 4-6. Follow the network.
 
