@@ -15,6 +15,7 @@ scenario, protocol, connect tries, recovered, seconds to reachable.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import subprocess
 import sys
@@ -251,6 +252,37 @@ class _Lifecycle:
 class _Scenarios(_Lifecycle):
     """The scenarios."""
 
+    # 1. The gateway grants another external port than asked.
+
+    def test_restrictedRange(self) -> None:
+        """
+        A gateway that only grants ports 6890-6899: qBittorrent and the
+        mapping converge on one of them, internal = external, and a peer
+        connects.
+        """
+        # A range just above qBittorrent's port: miniupnpd takes seconds to
+        # walk to one far away, answering nothing meanwhile.
+        self.build(allow="6890-6899 198.51.100.0/24 1-65535")
+        started = time.monotonic()
+        self.startDaemon()
+        port = self.reachable("another port: range", started, START_LIMIT)
+        self.assertTrue(6890 <= port <= 6899, port)
+
+    def test_suggestedPortTaken(self) -> None:
+        """
+        qBittorrent's port is already mapped (TCP, to another client port):
+        the daemon converges on the port granted instead and a peer connects.
+        """
+        rig = self.build()
+        rig.run(
+            rig.client,
+            ["natpmpc", "-g", rig.gatewayAddress, "-a", "6881", "7000", "tcp", "60"],
+        )
+        started = time.monotonic()
+        self.startDaemon()
+        port = self.reachable("another port: taken", started, START_LIMIT)
+        self.assertTrue(port != 6881, port)
+
     # 2. A ProtonVPN-style gateway: X forwarded to X whatever was asked.
 
     def test_protonStyleGateway(self) -> None:
@@ -266,6 +298,31 @@ class _Scenarios(_Lifecycle):
         port = self.reachable("proton-style gateway", started, START_LIMIT)
         self.assertEqual(port, PROTON_PORT)
 
+    # 3. The gateway's address answers ICMP port unreachable.
+
+    def test_portUnreachable(self) -> None:
+        """
+        No server on udp/5351 (ICMP port unreachable): a one-shot ends within
+        15 s with exit 1 or 3 and one JSON line; the daemon keeps running,
+        shows the trouble in /status, and maps once miniupnpd starts.
+        """
+        rig = self.build(gateway=False)
+        config = writeDaemonConfig(rig, self.qbittorrent, lifetime_secs=LIFETIME)
+        code, lines, elapsed, stderr = rig.oneShotRaw(config, self.protocol, 60)
+        self.assertTrue(
+            code in (1, 3) and elapsed < 15 and len(lines) == 1,
+            f"exit {code} after {elapsed:.1f} s, stdout {lines}, stderr {stderr}",
+        )
+        self.assertEqual(json.loads(lines[0])["applied"], False)
+        self.startDaemon()
+        self.waitStatus(
+            "/status to show the refusing gateway",
+            lambda s: s["source_trouble"] or s["last_error"],
+        )
+        started = time.monotonic()
+        rig.start()
+        self.reachable("ICMP unreachable, then up", started)
+
     # 4-6. Follow the network.
 
     def test_vpnComesUpLater(self) -> None:
@@ -280,6 +337,34 @@ class _Scenarios(_Lifecycle):
         rig.vpnUp()
         self.reachable("VPN up after the daemon", started)
 
+    def test_newTunnelAddress(self) -> None:
+        """
+        The tunnel comes back with another address: a new mapping for it
+        (its PCP client address the new one), and a peer connects within
+        10 s.
+        """
+        rig = self.build()
+        started = time.monotonic()
+        self.startDaemon(gateway=False)
+        self.reachable("start", started, START_LIMIT, record=False)
+        rig.vpnDown()
+        rig.vpnUp("198.51.100.3")
+        started = time.monotonic()
+        self.reachable("new tunnel address", started)
+
+    def test_newGateway(self) -> None:
+        """
+        The gateway moves to another address (mappings gone with it): the
+        daemon finds it, maps there, and a peer connects within 10 s.
+        """
+        rig = self.build()
+        started = time.monotonic()
+        self.startDaemon(gateway=False)
+        self.reachable("start", started, START_LIMIT, record=False)
+        rig.moveGateway("198.51.100.254")
+        started = time.monotonic()
+        self.reachable("new gateway", started)
+
     # 7. WireGuard-style policy routing, a home router on the main table.
 
     def test_policyRouting(self) -> None:
@@ -293,6 +378,20 @@ class _Scenarios(_Lifecycle):
         started = time.monotonic()
         self.startDaemon(gateway=False)
         self.reachable("policy routing", started, START_LIMIT)
+        self.assertLANRouterUntouched()
+
+    def test_policyRoutingOnLink(self) -> None:
+        """
+        WireGuard's route in table 51820 has no gateway to read: the daemon
+        says so in /status, and never asks the home router instead.
+        """
+        self.build(lanRouter=True, vpnVia=False)
+        self.startDaemon(gateway=False)
+        status = self.waitStatus(
+            "/status to say the gateway is unknown",
+            lambda s: s["source_trouble"] or s["last_error"],
+        )
+        self.assertIn("gateway", str(status["source_trouble"] or status["last_error"]))
         self.assertLANRouterUntouched()
 
     def test_policyRoutingConfigured(self) -> None:
@@ -311,6 +410,51 @@ class _Scenarios(_Lifecycle):
     def test_silentOutage(self) -> None:
         """The gateway drops every request for a while: remapped after."""
         self.outage("outage, silent", "silence", "unsilence")
+
+    def test_gatewayReboot(self) -> None:
+        """
+        miniupnpd stopped for a while, then started again (epoch 0, no
+        mappings): remapped after.
+        """
+        self.outage("outage, reboot", "stop", "start")
+
+    # 9. Errors that cannot fix themselves.
+
+    def test_refused(self) -> None:
+        """
+        A gateway refusing qBittorrent's port (NAT-PMP result 2, PCP
+        NOT_AUTHORIZED): the cause in /status, counted in metrics, one
+        warning even when asked again after a network change, and the daemon
+        keeps running.
+        """
+        rig = self.build(gateway=False)
+        self.startProtonGateway("refuse")
+        started = time.monotonic()
+        daemon = self.startDaemon()
+        status = self.waitStatus(
+            "/status to show the refusal",
+            lambda s: s["source_trouble"] or s["last_error"],
+        )
+        seconds = time.monotonic() - started
+        # A network change makes the daemon ask again at once; the same
+        # refusal must not warn again.
+        heard = rig.requestsHeard()
+        rig.run(rig.client, ["ip", "addr", "add", "198.51.100.9/24", "dev", "c0"])
+        try:
+            waitFor(lambda: rig.requestsHeard() > heard, "a retry", 10, 0.2)
+        except AssertionError as e:
+            self.fail(f"{e}\n{self.diagnostics()}")
+        # The answer is in the daemon's socket by now: two HTTP round trips
+        # through its reactor let it handle that datagram first.
+        daemon.status()
+        errors = daemon.metric('qb_port_sync_errors_total{kind="gateway"}')
+        warnings = [line for line in daemon.output().splitlines() if "#warn]" in line]
+        _ROWS.append(Row("refused (result 2)", self.protocol, 0, "reported", seconds))
+        self.assertTrue(
+            errors >= 1 and len(warnings) == 1 and daemon.process.poll() is None,
+            f"{errors} errors counted, warnings {warnings}, status {status}\n"
+            f"{self.diagnostics()}",
+        )
 
 
 class NATPMPLifecycleTests(_Scenarios, SynchronousTestCase):
