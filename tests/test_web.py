@@ -713,6 +713,25 @@ class FloodTests(SynchronousTestCase):
         self.assertEqual(waiting, [], "connections still pending after 20 s")
         return sockets
 
+    def test_hugePostRefused(self) -> None:
+        """A 200 MB POST over a real socket is answered 413 and cut off."""
+        child = _Child(self)
+        with socket.create_connection(("127.0.0.1", child.port), timeout=5) as s:
+            s.sendall(
+                b"POST /healthz HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Length: 200000000\r\n\r\n"
+            )
+            with contextlib.suppress(OSError):
+                for _ in range(64):
+                    s.sendall(b"x" * 65536)
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(65536):
+                    answer += chunk
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 Content Too Large\r\n"))
+        probe = json.loads(_body(child.get("/probe")[0]))
+        self.assertEqual(probe["connections"], 1)
+
     def test_healthUnderFlood(self) -> None:
         """/healthz answers at once, and the daemon keeps descriptors to work."""
         child = _Child(self)
