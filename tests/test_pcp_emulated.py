@@ -77,6 +77,8 @@ class PCPEmulatedTests(test_natpmp_emulated.NATPMPEmulatedTests):
         self.gateway.up = False
         self.start(source)
         self.letPass(120)
+        (cause,) = {t.cause for t in self.troubles()}
+        self.assertEqual(cause, f"natpmp: gateway {GATEWAY} does not answer NAT-PMP")
         self.gateway.up = True
         elapsed = self.untilReachable(60)
         self.assertEqual(source.name, "pcp")

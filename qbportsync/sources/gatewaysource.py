@@ -442,6 +442,7 @@ class GatewaySource:
         self._deliver(self._forwarded(mapped))
 
     def _failed(self, failed: Failed) -> None:
+        cause = f"{self.name}: {failed.error}"
         if isPathTrouble(failed.error):
             # Silence, refusal or a send error: the route, the gateway or
             # our address may have changed; look again at the next try.
@@ -451,7 +452,6 @@ class GatewaySource:
         if not self._methodChosen:
             # Never answered: the next try asks in every protocol again.
             self._index, self._fallback = 0, ""
-        cause = f"{self.name}: {failed.error}"
         if failed.leaseLeft > 0 and not failed.permanent:
             _log.info(
                 "{cause}; trying again in {delay:.1f}s, the lease ends in {left:.0f}s",
