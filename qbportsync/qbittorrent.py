@@ -161,6 +161,11 @@ class QBittorrentClient:
         self._loggedIn = False
         self._lastRefusal: Refusal | None = None
         self._apiKeyRejected = False
+        self._known: dict[str, Any] | None = None
+        """qBittorrent's preferences as last read; None until the first
+        read, and again after a re-login or a failed call."""
+        self._interfaceIDs: dict[str, str] = {}
+        """qBittorrent's id of each interface asked for (by name or id)."""
 
     def __repr__(self) -> str:
         return f"<QBittorrentClient {self._baseURL}>"
@@ -195,6 +200,12 @@ class QBittorrentClient:
         return defer.Deferred.fromCoroutine(self._relisten(port, address, how))
 
     async def _relisten(self, port: int, address: str, how: str) -> None:
+        try:
+            await self._relistenOnce(port, address, how)
+        finally:
+            self._forget()
+
+    async def _relistenOnce(self, port: int, address: str, how: str) -> None:
         if how == "address":
             _, prefs = await self._preferences()
             key = "current_interface_address"
@@ -228,8 +239,19 @@ class QBittorrentClient:
     async def _apply(self, port: int, bindInterface: str) -> ApplyResult:
         if not 1 <= port <= 65535:
             raise ValueError(f"port {port} is outside 1-65535")
-        url, prefs = await self._preferences()
-        previous = _portField(prefs, "listen_port", url)
+        try:
+            return await self._applyKnowing(port, bindInterface)
+        except BaseException:
+            self._forget()
+            raise
+
+    async def _applyKnowing(self, port: int, bindInterface: str) -> ApplyResult:
+        """
+        Set what differs from the preferences last read, then read them back:
+        two requests.  They are read first only when unknown (the first
+        apply, after a re-login or a failure) or when they seem to need no
+        change, which only a fresh read can tell.
+        """
         wanted: dict[str, object] = {
             "listen_port": port,
             "random_port": False,
@@ -237,7 +259,7 @@ class QBittorrentClient:
         }
         note = ""
         if bindInterface:
-            interface = await self._findInterface(bindInterface)
+            interface = await self._interfaceID(bindInterface)
             if interface is None:
                 note = (
                     f"network interface {bindInterface} is not in qBittorrent's "
@@ -251,7 +273,11 @@ class QBittorrentClient:
                 )
             else:
                 wanted["current_network_interface"] = interface
-        if all(prefs.get(key, False) == value for key, value in wanted.items()):
+        url, prefs = self._endpoint("app/preferences"), self._known
+        if prefs is None or _holds(prefs, wanted):
+            url, prefs = await self._preferences()
+        previous = _portField(prefs, "listen_port", url)
+        if _holds(prefs, wanted):
             _log.debug(
                 "qBittorrent at {url} already listens on port {port}",
                 url=self._baseURL,
@@ -285,12 +311,27 @@ class QBittorrentClient:
             )
         return ApplyResult(port, previous, applied=True, verified=verified, note=note)
 
+    def _forget(self) -> None:
+        """What qBittorrent holds is in doubt: read it before the next change."""
+        self._known = None
+        self._interfaceIDs.clear()
+
     async def _preferences(self) -> tuple[str, dict[str, Any]]:
         url = self._endpoint("app/preferences")
         prefs = _parseJSON(await self._call("GET", "app/preferences"), url)
         if not isinstance(prefs, dict):
             raise QBittorrentError(f"{url} answered JSON that is not an object")
+        self._known = prefs
         return url, prefs
+
+    async def _interfaceID(self, wanted: str) -> str | None:
+        """C{wanted}'s id in qBittorrent's list, asked once while it holds."""
+        if wanted not in self._interfaceIDs:
+            found = await self._findInterface(wanted)
+            if found is None:
+                return None
+            self._interfaceIDs[wanted] = found
+        return self._interfaceIDs[wanted]
 
     async def _findInterface(self, wanted: str) -> str | None:
         url = self._endpoint("app/networkInterfaceList")
@@ -330,6 +371,7 @@ class QBittorrentClient:
             code, body = await self._send(method, url, data)
             if code == 403:
                 self._loggedIn = False
+                self._forget()
                 await self._ensureLoggedIn()
                 code, body = await self._send(method, url, data)
                 if code == 403:
@@ -589,6 +631,11 @@ def _parseJSON(body: bytes, url: str) -> object:
     except ValueError as e:
         raise QBittorrentError(f"{url} answered something that is not JSON") from e
     return result
+
+
+def _holds(prefs: dict[str, Any], wanted: dict[str, object]) -> bool:
+    """Whether C{prefs} already has every value in C{wanted}."""
+    return all(prefs.get(key, False) == value for key, value in wanted.items())
 
 
 def _portField(prefs: dict[str, Any], key: str, url: str) -> int:

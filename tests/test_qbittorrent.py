@@ -112,6 +112,15 @@ def warnings() -> Iterator[list[LogEvent]]:
     loud.extend(e for e in events if e["log_level"].name in ("warn", "error"))
 
 
+GET_PREFS = "GET app/preferences"
+SET_PREFS = "POST app/setPreferences"
+
+
+def _calls(fake: FakeQBittorrent) -> list[str]:
+    """The requests C{fake} saw, as C{"METHOD endpoint"}."""
+    return [f"{r.method} {r.path.removeprefix('/api/v2/')}" for r in fake.requests]
+
+
 class _Leaf(Resource):
     """A resource that answers for every path below it."""
 
@@ -790,6 +799,122 @@ class ApplyTests(SynchronousTestCase):
         self.assertEqual(fake.requests, [])
         self.successResultOf(client.apply(65535))
         self.successResultOf(client.apply(1))
+
+    def test_firstApplyReadsFirst(self) -> None:
+        """The first apply reads the preferences, sets the port, reads them back."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(self, fake)
+        self.successResultOf(client.apply(40000))
+        self.assertEqual(
+            _calls(fake),
+            ["POST auth/login", GET_PREFS, SET_PREFS, GET_PREFS],
+        )
+
+    def test_steadyState(self) -> None:
+        """
+        Each later change is two requests, set then verify: the client
+        knows qBittorrent's preferences from its last read.
+        """
+        for version in ("4.5", "5.2"):
+            fake = FakeQBittorrent(version, password=PASSWORD)
+            fake.interfaces.append({"name": "WireGuard tunnel", "value": "wg0"})
+            client, _ = makeClient(self, fake)
+            self.successResultOf(client.apply(40000, "wg0"))
+            for previous, port in ((40000, 40001), (40001, 40002), (40002, 40001)):
+                fake.requests.clear()
+                result = self.successResultOf(client.apply(port, "wg0"))
+                self.assertEqual(result, ApplyResult(port, previous, True, True, ""))
+                self.assertEqual(_calls(fake), [SET_PREFS, GET_PREFS])
+                self.assertEqual(fake.preferences["listen_port"], port)
+                self.assertEqual(fake.preferences["current_network_interface"], "wg0")
+                self.assertEqual(fake.preferences["random_port"], False)
+                self.assertEqual(fake.preferences["upnp"], False)
+
+    def test_steadyStatePrevious(self) -> None:
+        """A change made without reading first still names the port before it."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(self, fake)
+        self.successResultOf(client.apply(40000))
+        result = self.successResultOf(client.apply(40001))
+        self.assertEqual(result, ApplyResult(40001, 40000, True, True, ""))
+
+    def test_verifyReadKnown(self) -> None:
+        """A periodic read of the port is what the next change starts from."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(self, fake)
+        self.successResultOf(client.apply(40000))
+        fake.preferences.update(listen_port=6881, upnp=True)
+        self.assertEqual(self.successResultOf(client.listenPort()), 6881)
+        fake.requests.clear()
+        result = self.successResultOf(client.apply(40001))
+        self.assertEqual(result, ApplyResult(40001, 6881, True, True, ""))
+        self.assertEqual(_calls(fake), [SET_PREFS, GET_PREFS])
+        self.assertEqual(fake.preferences["upnp"], False)
+
+    def test_seemsDoneReadsAgain(self) -> None:
+        """
+        When the last read says the port is in place already, only a fresh
+        read can tell: it is made, and a port changed since is set back.
+        """
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(self, fake)
+        self.successResultOf(client.apply(40000))
+        fake.requests.clear()
+        result = self.successResultOf(client.apply(40000))
+        self.assertEqual(result, ApplyResult(40000, 40000, False, True, ""))
+        self.assertEqual(_calls(fake), [GET_PREFS])
+        fake.preferences["listen_port"] = 6881
+        fake.requests.clear()
+        result = self.successResultOf(client.apply(40000))
+        self.assertEqual(result, ApplyResult(40000, 6881, True, True, ""))
+        self.assertEqual(_calls(fake), [GET_PREFS, SET_PREFS, GET_PREFS])
+
+    def test_relogin(self) -> None:
+        """
+        A change that meets an expired session is sent again after the
+        login, then verified; the next one asks for the interfaces again.
+        """
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.interfaces.append({"name": "wg0", "value": "wg0"})
+        client, _ = makeClient(self, fake)
+        self.successResultOf(client.apply(40000, "wg0"))
+        fake.expireSessions()
+        fake.requests.clear()
+        self.successResultOf(client.apply(40001, "wg0"))
+        self.assertEqual(
+            _calls(fake), [SET_PREFS, "POST auth/login", SET_PREFS, GET_PREFS]
+        )
+        self.assertEqual(fake.preferences["listen_port"], 40001)
+        fake.requests.clear()
+        self.successResultOf(client.apply(40002, "wg0"))
+        self.assertEqual(
+            _calls(fake),
+            ["GET app/networkInterfaceList", SET_PREFS, GET_PREFS],
+        )
+        self.assertEqual(fake.preferences["current_network_interface"], "wg0")
+
+    def test_failureReadsFirst(self) -> None:
+        """After a failed change the next one reads the preferences first."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, _ = makeClient(self, fake)
+        self.successResultOf(client.apply(40000))
+        fake.failNext(500, endpoint="app/setPreferences")
+        self.failureResultOf(client.apply(40001), QBittorrentError)
+        fake.requests.clear()
+        self.successResultOf(client.apply(40001))
+        self.assertEqual(_calls(fake), [GET_PREFS, SET_PREFS, GET_PREFS])
+
+    def test_relistenReadsFirst(self) -> None:
+        """After a relisten the next change reads the preferences first."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, clock = makeClient(self, fake)
+        self.successResultOf(client.apply(40000))
+        d = client.relisten(40000, "", "port")
+        clock.advance(RELISTEN_PAUSE_SECS)
+        self.successResultOf(d)
+        fake.requests.clear()
+        self.successResultOf(client.apply(40001))
+        self.assertEqual(_calls(fake), [GET_PREFS, SET_PREFS, GET_PREFS])
 
     def test_verifyObject(self) -> None:
         """The client provides IPortSink."""
