@@ -33,9 +33,15 @@ COPY --from=builder /opt/qbportsync /opt/qbportsync
 COPY config/config.example.toml /etc/qb-port-sync/config.example.toml
 # The record of refused logins; mount a volume there (-v qbps-state:/var/lib/
 # qb-port-sync) so that --once runs share it and never earn a login ban.
+# The container is the boundary: unless the mounted config says otherwise,
+# /metrics and /healthz listen on every address of the container (so
+# `docker run -p 9000:9000` and a Prometheus scrape reach them), and the
+# health check is served on 9000 even with metrics off.
 ENV PATH=/opt/qbportsync/bin:$PATH \
     STATE_DIRECTORY=/var/lib/qb-port-sync \
     PYTHONUNBUFFERED=1 \
+    QB_PORT_SYNC_LISTEN_ADDRESS=0.0.0.0 \
+    QB_PORT_SYNC_HEALTH_PORT=9000 \
     QBPORTSYNC_HEALTHZ_URL=http://127.0.0.1:9000/healthz
 USER qbportsync
 EXPOSE 9000

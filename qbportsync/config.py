@@ -44,6 +44,10 @@ PASSWORD_ENV = "QB_PORT_SYNC_QB_PASSWORD"  # noqa: S105 -- a variable name
 API_KEY_ENV = "QB_PORT_SYNC_QB_API_KEY"
 GLUETUN_PASSWORD_ENV = "QB_PORT_SYNC_GLUETUN_PASSWORD"  # noqa: S105 -- a name
 GLUETUN_API_KEY_ENV = "QB_PORT_SYNC_GLUETUN_API_KEY"
+LISTEN_ADDRESS_ENV = "QB_PORT_SYNC_LISTEN_ADDRESS"
+"""Default [metrics] and [health] address; the container image sets 0.0.0.0."""
+HEALTH_PORT_ENV = "QB_PORT_SYNC_HEALTH_PORT"
+"""Serve the health check on this port unless [health] says otherwise."""
 _MAX_LIFETIME = 2**32 - 1
 _NO_FILE = "(no configuration file)"
 
@@ -389,6 +393,10 @@ class _Section:
     def fail(self, key: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.file}: {self.name}.{key} {problem}")
 
+    def withDefaults(self, defaults: Mapping[str, object]) -> _Section:
+        """This table, with C{defaults} for the keys it does not set."""
+        return _Section(self.file, self.name, {**defaults, **self.table})
+
     def _wrong(self, key: str, allowed: str, value: object) -> ConfigError:
         got = _kind(value) if key in _SECRET_KEYS else _describe(value)
         return self.fail(key, f"must be {allowed}, got {got}")
@@ -480,6 +488,7 @@ class _Loader:
 
     def build(self, tables: Mapping[str, object]) -> Config:
         sections = self.sections(tables)
+        self.environDefaults(sections)
         metrics = self.listen(sections["metrics"])
         return Config(
             path=self.path,
@@ -492,6 +501,35 @@ class _Loader:
             gluetun=self.gluetun(sections["gluetun"]),
             hooks=self.hooks(sections["hooks"]),
         )
+
+    def environDefaults(self, sections: dict[str, _Section]) -> None:
+        """
+        Container images set defaults the file may override: the address the
+        endpoints listen on, and a port for the health check.
+        """
+        address = self.environ.get(LISTEN_ADDRESS_ENV, "")
+        if address:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(
+                    f"environment variable {LISTEN_ADDRESS_ENV} must be an IP "
+                    f'address such as "0.0.0.0", got {_describe(address)}'
+                ) from None
+            for name in ("metrics", "health"):
+                sections[name] = sections[name].withDefaults({"address": address})
+        port = self.environ.get(HEALTH_PORT_ENV, "")
+        if port:
+            if not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ConfigError(
+                    f"environment variable {HEALTH_PORT_ENV} must be a port "
+                    f"from 1 to 65535, got {_describe(port)}"
+                )
+            health = sections["health"]
+            if "enabled" not in health.table and "port" not in health.table:
+                sections["health"] = health.withDefaults(
+                    {"enabled": True, "port": int(port)}
+                )
 
     def sections(self, tables: Mapping[str, object]) -> dict[str, _Section]:
         allowedSections = ", ".join(f"[{name}]" for name in _KEYS)

@@ -371,6 +371,49 @@ class ValueTests(ConfigTestCase):
         config = self.load("[metrics]\nport = 9100\n[health]\nenabled = true\n")
         self.assertEqual(config.health, ListenConfig(enabled=True, port=9100))
 
+    def test_containerDefaults(self) -> None:
+        """
+        The image's environment makes the endpoints listen on every address
+        and serves the health check on its port, with metrics off.
+        """
+        environ = {
+            **ENV,
+            "QB_PORT_SYNC_LISTEN_ADDRESS": "0.0.0.0",
+            "QB_PORT_SYNC_HEALTH_PORT": "9000",
+        }
+        config = self.load("[metrics]\nenabled = true\nport = 9100\n", environ)
+        self.assertEqual(
+            (config.metrics, config.health),
+            (
+                ListenConfig(enabled=True, port=9100, address="0.0.0.0"),
+                ListenConfig(enabled=True, port=9000, address="0.0.0.0"),
+            ),
+        )
+
+    def test_fileBeatsContainerDefaults(self) -> None:
+        """Keys the file sets win over the image's environment."""
+        environ = {
+            **ENV,
+            "QB_PORT_SYNC_LISTEN_ADDRESS": "0.0.0.0",
+            "QB_PORT_SYNC_HEALTH_PORT": "9000",
+        }
+        config = self.load(
+            '[health]\nenabled = false\n[metrics]\naddress = "::1"\n', environ
+        )
+        self.assertEqual(config.health, ListenConfig(address="0.0.0.0"))
+        self.assertEqual(config.metrics.address, "::1")
+
+    def test_badContainerDefaults(self) -> None:
+        """A wrong value in the environment is refused, naming the variable."""
+        for name, value in (
+            ("QB_PORT_SYNC_LISTEN_ADDRESS", "everywhere"),
+            ("QB_PORT_SYNC_HEALTH_PORT", "70000"),
+        ):
+            error = self.assertRaises(
+                ConfigError, loadConfig, None, {**ENV, name: value}, uid=4242, search=[]
+            )
+            self.assertIn(f"environment variable {name} must be", str(error))
+
     def test_disabledListenerKeepsPortZero(self) -> None:
         """Disabled metrics and health may keep port 0."""
         config = self.load("[metrics]\nenabled = false\n[health]\nport = 0\n")
