@@ -18,7 +18,6 @@ from twisted.logger import Logger, LogLevel, globalLogBeginner
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from qbportsync.check import runCheck
 from qbportsync.config import ConfigError, loadConfig
 from qbportsync.hooks import ChangeHook
 from qbportsync.interfaces import (
@@ -150,7 +149,10 @@ def prepare(
         config = loadConfig(options["config"], environ)
         refusals = refusalStore(reactor, config, environ, uid)
         sink = makeSink(reactor, config, refusals)
-        source = makeSource(reactor, config, strategy, Metrics.create(), sink)
+        # Nothing is exported, and the port is read once: no watching.
+        source = makeSource(
+            reactor, config, strategy, Metrics.discarding(), sink, watch=False
+        )
     except ConfigError as e:
         return Outcome(EXIT_CONFIG, strategy, note=str(e))
     except SourceUnavailable as e:
@@ -159,7 +161,7 @@ def prepare(
         reactor,
         config.hooks.on_change,
         config.hooks.hook_timeout_secs,
-        Metrics.create(),
+        Metrics.discarding(),
         environ,
     )
     return Plan(source, sink, config.net.bind_interface, hook)
@@ -255,6 +257,8 @@ async def main(
     included.
     """
     if argv[:1] == ["check"]:
+        from qbportsync.check import runCheck
+
         _startLogging(LogLevel.critical, stderr)
         code = await runCheck(reactor, argv[1:], environ, uid, stdout, stderr)
         raise SystemExit(code)

@@ -1,24 +1,23 @@
-"""Prometheus metrics, on a registry of their own (never the global one)."""
+"""
+Prometheus metrics, on a registry of their own (never the global one).
+
+prometheus_client is imported only when metrics are made to be kept
+(L{Metrics.create}): a one-shot run, which exports none, discards them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-from attrs import frozen
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
-)
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from attrs import fields, frozen
 
 from qbportsync._version import __version__
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector
 
 ErrorKind = Literal["qbittorrent", "auth", "gateway", "file", "parse", "gluetun"]
 ERROR_KINDS: tuple[ErrorKind, ...] = (
@@ -37,11 +36,12 @@ stopped at its timeout; could not be started."""
 HEAL_METHODS = ("address", "port")
 """How a dead listener is healed, least disruptive first."""
 
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
-"""The media type of what L{Metrics.exposition} returns."""
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The media type of what L{Metrics.exposition} returns (prometheus_client's
+C{CONTENT_TYPE_PLAIN_0_0_4})."""
 
 
-class _WithoutCreated(Collector):
+class _WithoutCreated:
     """
     A view of a registry without the C{_created} samples of counters and
     histograms: they only say when the process started, and turning them off
@@ -53,11 +53,29 @@ class _WithoutCreated(Collector):
         self._registry = registry
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.metrics_core import Metric
+
         for family in self._registry.collect():
             kept = Metric(family.name, family.documentation, family.type, family.unit)
             created = family.name + "_created"
             kept.samples = [s for s in family.samples if s.name != created]
             yield kept
+
+
+class _Discard:
+    """Takes every update a metric can take, and keeps none."""
+
+    def labels(self, *values: object, **labels: object) -> _Discard:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
 
 
 @frozen
@@ -83,11 +101,22 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The Prometheus text format (L{CONTENT_TYPE}) of every metric."""
-        return generate_latest(_WithoutCreated(self.registry))
+        from prometheus_client import generate_latest
+
+        # generate_latest asks its argument for nothing but collect().
+        return generate_latest(cast("Collector", _WithoutCreated(self.registry)))
+
+    @classmethod
+    def discarding(cls) -> Metrics:
+        """Metrics that keep nothing, for a run that exports none (C{--once})."""
+        discard: Any = _Discard()
+        return cls(**{field.name: discard for field in fields(cls)})
 
     @classmethod
     def create(cls) -> Metrics:
         """Make a fresh registry holding all of our metrics, errors at zero."""
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
         registry = CollectorRegistry(auto_describe=True)
         ns = "qb_port_sync"
         info = Info("build", "Version of qbportsync.", namespace=ns, registry=registry)

@@ -9,40 +9,36 @@ import os
 import sys
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from treq.client import HTTPClient
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
-from twisted.python.filepath import FilePath
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from qbportsync._version import __version__
 from qbportsync.config import Config, ConfigError, loadConfig
-from qbportsync.hooks import ChangeHook
 from qbportsync.interfaces import (
     INetworkEvents,
     IPortSink,
     IPortSource,
     SourceUnavailable,
 )
-from qbportsync.listener import ListenerHealer
-from qbportsync.metrics import Metrics
-from qbportsync.netevents import networkEvents
 from qbportsync.plainhttp import speaksPlainHTTP
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
 from qbportsync.refusals import RefusalStore, stateDirectory
-from qbportsync.sdnotify import SystemdNotifier
-from qbportsync.sources.auto import autoSource
-from qbportsync.sources.gatewaysource import NATPMPSource, PCPSource
-from qbportsync.sources.gluetun import GluetunSource
-from qbportsync.sources.portfile import NotifierFactory, PortFileSource
-from qbportsync.status import statusLine
-from qbportsync.sync import PortSync
-from qbportsync.web import ListenError, makeWebService
+
+if TYPE_CHECKING:
+    from twisted.web.client import HTTPConnectionPool
+
+    from qbportsync.metrics import Metrics
+    from qbportsync.sdnotify import SystemdNotifier
+    from qbportsync.sources.portfile import NotifierFactory
+    from qbportsync.sync import PortSync
+
+# What only the daemon or one strategy needs is imported where it is used:
+# a one-shot run then loads no web server, netlink or other strategy.
 
 STRATEGIES = ("file", "natpmp", "pcp", "gluetun", "auto")
 
@@ -196,13 +192,22 @@ def makeSource(
     sink: IPortSink,
     pool: HTTPConnectionPool | None = None,
     networkEvents: INetworkEvents | None = None,
+    *,
+    watch: bool = True,
 ) -> IPortSource:
     """
     The source for C{strategy}; raises L{SourceUnavailable} where it cannot
     work.  C{networkEvents}: the host's network changes, in the daemon.
+    C{watch=False}: the source will only be asked once, so a port file is
+    not watched with INotify.
     """
 
-    def gluetunSource() -> GluetunSource:
+    def gluetunSource() -> IPortSource:
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent
+
+        from qbportsync.sources.gluetun import GluetunSource
+
         # Its own client: qBittorrent's cookie jar is none of gluetun's business.
         http = HTTPClient(Agent(reactor, pool=pool))
         return GluetunSource(
@@ -213,20 +218,28 @@ def makeSource(
             timeout=config.qbittorrent.timeout_secs,
         )
 
-    def fileSource() -> PortFileSource:
+    def fileSource() -> IPortSource:
+        from twisted.python.filepath import FilePath
+
+        from qbportsync.sources.portfile import PortFileSource
+
         return PortFileSource(
             reactor,
             FilePath(config.protonvpn.forwarded_port_path),
             metrics,
-            inotifyFactory(reactor),
+            inotifyFactory(reactor) if watch else None,
         )
 
-    def pcpSource() -> PCPSource:
+    def pcpSource() -> IPortSource:
+        from qbportsync.sources.gatewaysource import PCPSource
+
         return PCPSource(
             reactor, config, metrics, sink.listenPort, networkEvents=networkEvents
         )
 
     if strategy == "natpmp":
+        from qbportsync.sources.gatewaysource import NATPMPSource
+
         return NATPMPSource(
             reactor, config, metrics, sink.listenPort, networkEvents=networkEvents
         )
@@ -235,6 +248,8 @@ def makeSource(
     if strategy == "gluetun":
         return gluetunSource()
     if strategy == "auto":
+        from qbportsync.sources.auto import autoSource
+
         return autoSource(
             config.protonvpn.forwarded_port_path,
             fileSource,
@@ -327,6 +342,17 @@ def buildService(
     strategy cannot work here, L{ConfigError} for a configuration that only
     fails once used (a C{ca_file} that is not PEM).
     """
+    from twisted.web.client import HTTPConnectionPool
+
+    from qbportsync.hooks import ChangeHook
+    from qbportsync.listener import ListenerHealer
+    from qbportsync.metrics import Metrics
+    from qbportsync.netevents import networkEvents
+    from qbportsync.sdnotify import SystemdNotifier
+    from qbportsync.status import statusLine
+    from qbportsync.sync import PortSync
+    from qbportsync.web import makeWebService
+
     metrics = Metrics.create()
     # Kept-alive connections halve the time of an update (benchmarks/).
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -384,6 +410,8 @@ def daemonService(
     wrong on C{stderr} and exit with the reference's code (2 for the
     configuration, 3 when the strategy cannot work here).
     """
+    from qbportsync.web import ListenError
+
     try:
         config = loadConfig(options["config"], environ)
         service = buildService(

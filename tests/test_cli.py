@@ -8,6 +8,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -342,3 +345,77 @@ class MainTests(SynchronousTestCase):
         code, out, _ = self.main("--forget-refusals", environ={"XDG_STATE_HOME": xdg})
         self.assertEqual(code, 0)
         self.assertIn(os.path.join(xdg, "qb-port-sync", RECORD_NAME), out)
+
+
+_RECORD_MODULES = """
+import atexit, json, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+from qbportsync.cli import run
+run()
+"""
+
+DAEMON_ONLY = (
+    "prometheus_client",
+    "twisted.web.server",
+    "twisted.web.resource",
+    "twisted.spread",
+    "twisted.internet.inotify",
+    "qbportsync.web",
+    "qbportsync.sync",
+    "qbportsync.netlink",
+    "qbportsync.check",
+    "qbportsync.sources.gatewaysource",
+)
+"""Modules a one-shot run from a port file has no use for."""
+
+
+class OneShotImportTests(SynchronousTestCase):
+    """What a one-shot run loads: its start-up time is mostly imports."""
+
+    def test_onlyWhatItNeeds(self) -> None:
+        """
+        C{--once} from a port file, all the way to qBittorrent's address,
+        imports no web server, metrics library, INotify, netlink or gateway
+        code.
+        """
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        portFile = directory.child("forwarded_port")
+        portFile.setContent(b"51413\n")
+        # Bound and not listening: connections to it are refused at once.
+        closed = socket.socket()
+        self.addCleanup(closed.close)
+        closed.bind(("127.0.0.1", 0))
+        config = directory.child("config.toml")
+        config.setContent(
+            f'[qbittorrent]\nbase_url = "http://127.0.0.1:{closed.getsockname()[1]}"\n'
+            f'[protonvpn]\nforwarded_port_path = "{portFile.path}"\n'.encode()
+        )
+        config.chmod(0o600)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(
+            os.environ,
+            PYTHONPATH=root,
+            STATE_DIRECTORY=directory.path,
+            QB_PORT_SYNC_QB_PASSWORD="unused",
+        )
+        for strategy in ("auto", "file"):
+            modules = directory.child(f"{strategy}.json")
+            argv = ["--once", "--json", "--strategy", strategy, "--config", config.path]
+            run = subprocess.run(
+                [sys.executable, "-c", _RECORD_MODULES, modules.path, *argv],
+                check=False,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            outcome = json.loads(run.stdout)
+            self.assertEqual(outcome["detected_port"], 51413)
+            self.assertIn("connection refused", outcome["note"])
+            loaded = json.loads(modules.getContent())
+            self.assertIn("qbportsync.qbittorrent", loaded)
+            self.assertEqual(
+                [m for m in loaded if m.startswith(DAEMON_ONLY)], [], strategy
+            )

@@ -8,13 +8,13 @@ import subprocess
 from twisted.trial.unittest import SynchronousTestCase
 
 from qbportsync._version import __version__
-from qbportsync.metrics import ERROR_KINDS, Metrics
+from qbportsync.metrics import CONTENT_TYPE, ERROR_KINDS, Metrics
 from tests.rig import requireTool
 
 
-def _busy() -> Metrics:
+def _busy(metrics: Metrics | None = None) -> Metrics:
     """Metrics after a day's work: every series has a value."""
-    metrics = Metrics.create()
+    metrics = metrics or Metrics.create()
     metrics.port_updates.inc(3)
     metrics.current_port.set(51413)
     metrics.last_update.set(1_700_000_000)
@@ -99,6 +99,22 @@ class ExpositionTests(SynchronousTestCase):
         first.port_updates.inc()
         self.assertIn(b"qb_port_sync_port_updates_total 1.0", first.exposition())
         self.assertIn(b"qb_port_sync_port_updates_total 0.0", second.exposition())
+
+
+class DiscardingTests(SynchronousTestCase):
+    """The metrics of a run that exports none."""
+
+    def test_takesEveryUpdate(self) -> None:
+        """Every update the daemon makes is taken by discarding metrics."""
+        metrics = _busy(Metrics.discarding())
+        metrics.errors.labels(kind="file").inc()
+        self.assertNotIsInstance(metrics.errors, type(Metrics.create().errors))
+
+    def test_contentType(self) -> None:
+        """The media type of the exposition is prometheus_client's own."""
+        from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+        self.assertEqual(CONTENT_TYPE, CONTENT_TYPE_PLAIN_0_0_4)
 
 
 class PromtoolTests(SynchronousTestCase):

@@ -64,14 +64,16 @@ WATCH_MASK = (
 )
 GONE_MASK = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
 
-WATCH_ERRORS: tuple[type[Exception], ...] = (OSError,)
-"""What making an INotify or adding a watch raises."""
-try:
+
+def _watchErrors() -> tuple[type[Exception], ...]:
+    """
+    What making an INotify or adding a watch raises; asked only where there
+    is INotify, and not at import, which a one-shot run would pay for.
+    """
     from twisted.internet.inotify import INotifyError
 
-    WATCH_ERRORS = (OSError, INotifyError)
-except ImportError:  # no INotify here, so only polling, which never watches
-    pass
+    return (OSError, INotifyError)
+
 
 NotifierFactory = Callable[[], "INotify"]
 
@@ -198,10 +200,11 @@ class PortFileSource:
 
     def _watch(self, points: tuple[WatchPoint, ...]) -> bool:
         assert self._notifierFactory is not None
+        watchErrors = _watchErrors()
         directories = list(dict.fromkeys(point.directory for point in points))
         try:
             notifier = self._notifierFactory()
-        except WATCH_ERRORS:
+        except watchErrors:
             self._warnWatch("cannot start INotify (file descriptors used up?)")
             return False
         for directory in directories:
@@ -211,7 +214,7 @@ class PortFileSource:
                     mask=WATCH_MASK,
                     callbacks=[partial(self._onEvent, notifier)],
                 )
-            except WATCH_ERRORS:
+            except watchErrors:
                 notifier.loseConnection()
                 self._warnWatch(f"cannot watch {directory} (is it readable?)")
                 return False
