@@ -93,13 +93,10 @@ async def applyOnce(
     """
     try:
         forwarded = await source.fetchOnce()
-    except ConfigError as e:
-        # A setting only the source could judge: [gluetun] api_key, or
-        # autodiscover_gateway off with no gateway.
-        return Outcome(EXIT_CONFIG, source.name, note=str(e))
-    except SourceUnavailable as e:
-        # No route to find a gateway on is this host's state, code 3
-        # whatever the strategy.
+    except (ConfigError, SourceUnavailable) as e:
+        # What only the source can find out (no route to a gateway, a
+        # WireGuard link without one, gluetun refusing the key) is code 3
+        # whatever the strategy: auto, which tries several, says 3 for all.
         return Outcome(EXIT_UNSUPPORTED, source.name, note=str(e))
     except SourceError as e:
         return Outcome(EXIT_TRANSIENT, source.name, note=str(e))
