@@ -164,7 +164,9 @@ def _hostInterfaces() -> list[str]:
 
 def _exitClass(error: Exception) -> int:
     """The one-shot's exit code for a source's failure (see L{applyOnce})."""
-    if isinstance(error, ConfigError | SourceUnavailable):
+    if isinstance(error, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(error, SourceUnavailable):
         return EXIT_UNSUPPORTED
     return EXIT_TRANSIENT
 
