@@ -61,28 +61,51 @@ class Row:
     seconds: float | None
 
 
-_ROWS: list[Row] = []
+class _Table:
+    """
+    The rows of the closing table, printed once every scenario has run (before
+    trial's summary, which must stay the last line), or at exit after a
+    partial run.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.finished = 0
+        self.expected = 0
+        self.printed = False
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    def done(self) -> None:
+        """One more scenario has run."""
+        self.finished += 1
+        if self.finished == self.expected:
+            self.print()
+
+    def print(self) -> None:
+        if self.printed or not self.rows:
+            return
+        self.printed = True
+        lines = [
+            "",
+            "lifecycle: time from the change to a peer's completed TCP handshake",
+            "(tries: the peer's connects, 0.1 s apart, each given 0.5 s;",
+            " *: from the daemon's launch, Python's start-up included)",
+            f"{'scenario':<32} {'protocol':<8} {'tries':>5} {'recovered':<10} "
+            f"{'reachable':>9}",
+        ]
+        for row in sorted(self.rows, key=lambda r: (r.scenario, r.protocol)):
+            seconds = "-" if row.seconds is None else f"{row.seconds:.2f}s"
+            lines.append(
+                f"{row.scenario:<32} {row.protocol:<8} {row.tries:>5} "
+                f"{row.recovered:<10} {seconds:>9}"
+            )
+        print("\n".join(lines), file=sys.__stderr__, flush=True)
 
 
-def _printTable() -> None:
-    if not _ROWS:
-        return
-    lines = [
-        "",
-        "lifecycle: time from the change to a peer's completed TCP handshake",
-        f"{'scenario':<32} {'protocol':<8} {'tries':>5} {'recovered':<10} "
-        f"{'reachable':>9}",
-    ]
-    for row in _ROWS:
-        seconds = "-" if row.seconds is None else f"{row.seconds:.2f}s"
-        lines.append(
-            f"{row.scenario:<32} {row.protocol:<8} {row.tries:>5} "
-            f"{row.recovered:<10} {seconds:>9}"
-        )
-    print("\n".join(lines), file=sys.__stderr__, flush=True)
-
-
-atexit.register(_printTable)
+_TABLE = _Table()
+atexit.register(_TABLE.print)
 
 
 class _Lifecycle:
@@ -100,6 +123,8 @@ class _Lifecycle:
     def setUp(self) -> None:
         requireGatewayTools()
         requireTool("qbittorrent-nox")
+        requireTool("natpmpc")
+        self.addCleanup(_TABLE.done)
 
     def build(self, **options: Any) -> GatewayRig:
         """The rig, qBittorrent in the client, and agents in client and wan."""
@@ -162,8 +187,7 @@ class _Lifecycle:
                 if ok:
                     seconds = time.monotonic() - since
                     if record:
-                        row = Row(scenario, self.protocol, tries, "yes", seconds)
-                        _ROWS.append(row)
+                        _TABLE.add(Row(scenario, self.protocol, tries, "yes", seconds))
                     self.assertIn(
                         ("tcp", port, self.rig.clientAddress, port),
                         self.rig.mappings(),
@@ -173,7 +197,7 @@ class _Lifecycle:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
-        _ROWS.append(Row(scenario, self.protocol, tries, "NO", None))
+        _TABLE.add(Row(scenario, self.protocol, tries, "NO", None))
         self.fail(
             f"{scenario}: no peer handshake within {limit:g} s ({tries} tries, "
             f"last: {last})\n{self.diagnostics()}"
@@ -265,7 +289,7 @@ class _Scenarios(_Lifecycle):
         self.build(allow="6890-6899 198.51.100.0/24 1-65535")
         started = time.monotonic()
         self.startDaemon()
-        port = self.reachable("another port: range", started, START_LIMIT)
+        port = self.reachable("1 another port: range *", started, START_LIMIT)
         self.assertTrue(6890 <= port <= 6899, port)
 
     def test_suggestedPortTaken(self) -> None:
@@ -280,7 +304,7 @@ class _Scenarios(_Lifecycle):
         )
         started = time.monotonic()
         self.startDaemon()
-        port = self.reachable("another port: taken", started, START_LIMIT)
+        port = self.reachable("1 another port: taken *", started, START_LIMIT)
         self.assertTrue(port != 6881, port)
 
     # 2. A ProtonVPN-style gateway: X forwarded to X whatever was asked.
@@ -295,7 +319,7 @@ class _Scenarios(_Lifecycle):
         self.startProtonGateway()
         started = time.monotonic()
         self.startDaemon()
-        port = self.reachable("proton-style gateway", started, START_LIMIT)
+        port = self.reachable("2 proton-style gateway *", started, START_LIMIT)
         self.assertEqual(port, PROTON_PORT)
 
     # 3. The gateway's address answers ICMP port unreachable.
@@ -321,7 +345,7 @@ class _Scenarios(_Lifecycle):
         )
         started = time.monotonic()
         rig.start()
-        self.reachable("ICMP unreachable, then up", started)
+        self.reachable("3 ICMP unreachable, then up", started)
 
     # 4-6. Follow the network.
 
@@ -335,7 +359,7 @@ class _Scenarios(_Lifecycle):
         self.waitStatus("the daemon to answer", lambda s: True)
         started = time.monotonic()
         rig.vpnUp()
-        self.reachable("VPN up after the daemon", started)
+        self.reachable("4 VPN up after the daemon", started)
 
     def test_newTunnelAddress(self) -> None:
         """
@@ -350,7 +374,7 @@ class _Scenarios(_Lifecycle):
         rig.vpnDown()
         rig.vpnUp("198.51.100.3")
         started = time.monotonic()
-        self.reachable("new tunnel address", started)
+        self.reachable("5 new tunnel address", started)
 
     def test_newGateway(self) -> None:
         """
@@ -363,7 +387,7 @@ class _Scenarios(_Lifecycle):
         self.reachable("start", started, START_LIMIT, record=False)
         rig.moveGateway("198.51.100.254")
         started = time.monotonic()
-        self.reachable("new gateway", started)
+        self.reachable("6 new gateway", started)
 
     # 7. WireGuard-style policy routing, a home router on the main table.
 
@@ -377,7 +401,7 @@ class _Scenarios(_Lifecycle):
         self.build(lanRouter=True)
         started = time.monotonic()
         self.startDaemon(gateway=False)
-        self.reachable("policy routing", started, START_LIMIT)
+        self.reachable("7 policy routing *", started, START_LIMIT)
         self.assertLANRouterUntouched()
 
     def test_policyRoutingOnLink(self) -> None:
@@ -402,21 +426,21 @@ class _Scenarios(_Lifecycle):
         self.build(lanRouter=True, vpnVia=False)
         started = time.monotonic()
         self.startDaemon(gateway=True)
-        self.reachable("policy routing, on-link", started, START_LIMIT)
+        self.reachable("7 policy routing, on-link *", started, START_LIMIT)
         self.assertLANRouterUntouched()
 
     # 8. Gateway outages.
 
     def test_silentOutage(self) -> None:
         """The gateway drops every request for a while: remapped after."""
-        self.outage("outage, silent", "silence", "unsilence")
+        self.outage("8 outage, silent", "silence", "unsilence")
 
     def test_gatewayReboot(self) -> None:
         """
         miniupnpd stopped for a while, then started again (epoch 0, no
         mappings): remapped after.
         """
-        self.outage("outage, reboot", "stop", "start")
+        self.outage("8 outage, reboot", "stop", "start")
 
     # 9. Errors that cannot fix themselves.
 
@@ -449,7 +473,7 @@ class _Scenarios(_Lifecycle):
         daemon.status()
         errors = daemon.metric('qb_port_sync_errors_total{kind="gateway"}')
         warnings = [line for line in daemon.output().splitlines() if "#warn]" in line]
-        _ROWS.append(Row("refused (result 2)", self.protocol, 0, "reported", seconds))
+        _TABLE.add(Row("9 refused (result 2)", self.protocol, 0, "reported", seconds))
         self.assertTrue(
             errors >= 1 and len(warnings) == 1 and daemon.process.poll() is None,
             f"{errors} errors counted, warnings {warnings}, status {status}\n"
@@ -467,3 +491,6 @@ class PCPLifecycleTests(_Scenarios, SynchronousTestCase):
     """The lifecycle over PCP."""
 
     protocol = "pcp"
+
+
+_TABLE.expected = 2 * sum(name.startswith("test_") for name in dir(_Scenarios))
