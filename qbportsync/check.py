@@ -163,10 +163,11 @@ def _hostInterfaces() -> list[str]:
 
 
 def _exitClass(error: Exception) -> int:
-    """The one-shot's exit code for a source's failure (see L{applyOnce})."""
-    if isinstance(error, ConfigError):
-        return EXIT_CONFIG
-    if isinstance(error, SourceUnavailable):
+    """
+    The one-shot's exit code for a source's failure (see L{applyOnce}):
+    what only the source finds out is 3, whatever the strategy.
+    """
+    if isinstance(error, ConfigError | SourceUnavailable):
         return EXIT_UNSUPPORTED
     return EXIT_TRANSIENT
 

@@ -460,10 +460,10 @@ class SourceStepTests(CheckTestCase):
         )
 
     def test_gluetunRefused(self) -> None:
-        """gluetun refusing our key fails with exit 2, as the one-shot does."""
+        """gluetun refusing our key fails with exit 3, as the one-shot does."""
         self.gluetun.apiKey = "their-key"
         step = self.step(self.check(self.writeConfig(), "gluetun"), "gluetun")
-        self.assertEqual((step.verdict, step.exitCode), ("fail", 2))
+        self.assertEqual((step.verdict, step.exitCode), ("fail", 3))
         self.assertIn("[gluetun] api_key", step.detail)
 
     def test_autoChoosesGluetun(self) -> None:
@@ -569,14 +569,14 @@ class GatewayStepTests(CheckTestCase):
         self.assertEqual(report.exitCode, 0)
 
     def test_noGateway(self) -> None:
-        """Autodiscovery off and no gateway: exit 2 (as --once), naming the fix."""
+        """Autodiscovery off and no gateway: exit 3 (as --once), naming the fix."""
         step = self.step(
             self.check(
                 self.writeConfig("[portmap]\nautodiscover_gateway = false\n"), "natpmp"
             ),
             "gateway",
         )
-        self.assertEqual((step.verdict, step.exitCode), ("fail", 2))
+        self.assertEqual((step.verdict, step.exitCode), ("fail", 3))
         self.assertIn('"10.2.0.1"', step.fix)
 
 

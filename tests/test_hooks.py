@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyClass
 
+import qbportsync
 from qbportsync.cli import applyOnce
 from qbportsync.hooks import (
     KILL_GRACE_SECS,
@@ -394,6 +398,71 @@ class SyncHookTests(SynchronousTestCase):
         self.source.emit(6881)
         self.sink.succeed()
         self.assertEqual(self.called, [])
+
+
+class NeverInTheWayTests(SynchronousTestCase):
+    """A running hook neither blocks nor delays the sync."""
+
+    def test_syncGoesOnWhileHookRuns(self) -> None:
+        """
+        With the first hook run still going, the next port is applied at
+        once; its hook run waits for the first to end.
+        """
+        reactor = ProcessClock()
+        source = FakeSource()
+        sink = FakeSink()
+        hook = ChangeHook(reactor, TEMPLATE, 30.0, Metrics.create(), {})
+        PortSync(
+            reactor,
+            source,
+            sink,
+            Metrics.create(),
+            rnd=lambda: 0.5,
+            onNewPort=hook.onNewPort("file", ""),
+        ).startService()
+        source.emit(40000)
+        sink.succeed()
+        self.assertEqual(len(reactor.processes), 1)
+        source.emit(40001)
+        self.assertEqual([port for port, _, _ in sink.applies], [40000, 40001])
+        sink.succeed()
+        self.assertEqual(len(reactor.processes), 1)
+        reactor.processes[0].exit(0)
+        self.assertEqual(reactor.processes[1].args[1:3], ["40001", "--was=40000"])
+
+
+class MissingProgramTests(TestCase):
+    """A hook program that is not there stops us before anything runs."""
+
+    def test_onceExitsTwo(self) -> None:
+        """--once with a missing on_change program: exit 2, naming it."""
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        missing = directory / "no-such-hook"
+        config = directory / "config.toml"
+        config.write_text(f'[hooks]\non_change = ["{missing}", "{{port}}"]\n')
+        config.chmod(0o600)
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "qbportsync"),
+                "--once",
+                "--json",
+                "-c",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(Path(qbportsync.__file__).parent.parent),
+                "STATE_DIRECTORY": str(directory / "state"),
+            },
+        )
+        self.assertEqual(done.returncode, 2, done.stdout + done.stderr)
+        note = json.loads(done.stdout.splitlines()[-1])["note"]
+        self.assertIn(f"hooks.on_change names {missing}", note)
 
 
 class RealProcessTests(TestCase):

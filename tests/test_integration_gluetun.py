@@ -21,8 +21,11 @@ import qbportsync
 from tests.rig import QBittorrentRig, requireQBittorrent, stopProcess, waitFor
 
 API_KEY = "gluetun-Integration-Key-5150"
+BASIC_USER = "bob"
+BASIC_PASSWORD = "gluetun-Integration-Pass-6160"
 PASSWORD_ENV = "QB_PORT_SYNC_QB_PASSWORD"
 KEY_ENV = "QB_PORT_SYNC_GLUETUN_API_KEY"
+GLUETUN_PASSWORD_ENV = "QB_PORT_SYNC_GLUETUN_PASSWORD"
 ROOT = Path(qbportsync.__file__).parent.parent
 
 
@@ -40,16 +43,22 @@ def environment(**extra: str) -> dict[str, str]:
 class Gluetun:
     """The emulation as a subprocess; L{setPort} changes what it forwards."""
 
-    def __init__(self, test: SynchronousTestCase, port: int, old: bool = False):
+    def __init__(
+        self,
+        test: SynchronousTestCase,
+        port: int,
+        old: bool = False,
+        basic: bool = False,
+    ):
+        """With C{basic}, user and password instead of the API key."""
+        auth = ["", BASIC_USER, BASIC_PASSWORD] if basic else [API_KEY, "", ""]
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "tests.fakegluetun",
                 str(port),
-                API_KEY,
-                "",
-                "",
+                *auth,
                 *(["old"] if old else []),
             ],
             stdin=subprocess.DEVNULL,
@@ -96,7 +105,9 @@ class GluetunIntegrationTests(SynchronousTestCase):
         self.hook.chmod(0o755)
         self.outputs: list[Path] = []
 
-    def config(self, gluetun: Gluetun, pollInterval: float = 0.25) -> Path:
+    def config(
+        self, gluetun: Gluetun, pollInterval: float = 0.25, username: str = ""
+    ) -> Path:
         path = self.directory / "config.toml"
         path.write_text(
             "[qbittorrent]\n"
@@ -104,6 +115,7 @@ class GluetunIntegrationTests(SynchronousTestCase):
             f'username = "{self.rig.username}"\n'
             "[gluetun]\n"
             f'url = "{gluetun.url}"\n'
+            f'username = "{username}"\n'
             f"poll_interval_secs = {pollInterval}\n"
             "[hooks]\n"
             f'on_change = ["{self.hook}", "{{port}}", "{{previous_port}}"]\n'
@@ -111,7 +123,9 @@ class GluetunIntegrationTests(SynchronousTestCase):
         path.chmod(0o600)
         return path
 
-    def spawn(self, argv: list[str], key: str = API_KEY) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, argv: list[str], key: str = API_KEY, password: str = ""
+    ) -> subprocess.Popen[bytes]:
         output = self.directory / f"run-{len(self.outputs)}.out"
         self.outputs.append(output)
         out: IO[bytes]
@@ -125,6 +139,7 @@ class GluetunIntegrationTests(SynchronousTestCase):
                     **{
                         PASSWORD_ENV: self.rig.password,
                         KEY_ENV: key,
+                        GLUETUN_PASSWORD_ENV: password,
                         "STATE_DIRECTORY": str(self.directory / "state"),
                     }
                 ),
@@ -137,6 +152,7 @@ class GluetunIntegrationTests(SynchronousTestCase):
     def assertNoSecrets(self, output: Path) -> None:
         text = output.read_text(errors="replace")
         self.assertNotIn(API_KEY, text)
+        self.assertNotIn(BASIC_PASSWORD, text)
         self.assertNotIn(self.rig.password, text)
 
     def output(self) -> str:
@@ -212,9 +228,23 @@ class GluetunIntegrationTests(SynchronousTestCase):
         self.assertEqual(self.rig.listenPort(), 45100)
         self.assertEqual(self.hookLines(), ["45100 6881|45100|6881|gluetun|"])
 
+    def test_basicAuth(self) -> None:
+        """
+        gluetun with auth = "basic": the daemon authenticates with the user
+        from the config and the password from QB_PORT_SYNC_GLUETUN_PASSWORD.
+        """
+        gluetun = Gluetun(self, 45300, basic=True)
+        config = self.config(gluetun, username=BASIC_USER)
+        self.spawn(
+            ["--config", str(config), "--strategy", "gluetun"],
+            key="",
+            password=BASIC_PASSWORD,
+        )
+        self.waitForPort(45300)
+
     def test_wrongKey(self) -> None:
         """
-        A wrong API key: the one-shot exits 2 naming [gluetun] api_key; the
+        A wrong API key: the one-shot exits 3 naming [gluetun] api_key; the
         daemon says so, and qBittorrent keeps its port.
         """
         gluetun = Gluetun(self, 45200)
@@ -223,7 +253,7 @@ class GluetunIntegrationTests(SynchronousTestCase):
             ["--once", "--json", "--strategy", "gluetun", "--config", config],
             key="wrong-key",
         )
-        self.assertEqual(process.wait(30), 2, self.output())
+        self.assertEqual(process.wait(30), 3, self.output())
         [line] = [
             line
             for line in self.outputs[0].read_text().splitlines()
