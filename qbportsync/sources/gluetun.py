@@ -10,12 +10,13 @@ import base64
 import json
 import random
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from qbportsync.backoff import Backoff
@@ -51,7 +52,7 @@ class GluetunRefused(ConfigError):
 class _Problem(Exception):
     """One poll failed; the message is for operators."""
 
-    def __init__(self, message: str, kind: str = KIND, permanent: bool = False):
+    def __init__(self, message: str, kind: str = KIND, permanent: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
         self.permanent = permanent
@@ -199,7 +200,7 @@ class GluetunSource:
             self._deliver(Forwarded(port=port, source=self.name))
         self._schedule(self._config.poll_interval_secs)
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         self._inFlight = None
         if self._deliver is None:
             return
