@@ -63,8 +63,13 @@ done
 class Listening:
     """Reads qBittorrent's TCP sockets straight from its C{/proc} entry."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, pause: float = 0.0) -> None:
+        """
+        @param pause: seconds to sleep between two reads; 0 spins, which
+            takes a CPU from the contenders on a small machine.
+        """
         self._fd = os.open(f"/proc/{pid}/net/tcp", os.O_RDONLY)
+        self._pause = pause
 
     def close(self) -> None:
         os.close(self._fd)
@@ -79,7 +84,7 @@ class Listening:
         return needle in table
 
     def wait(self, port: int) -> float:
-        """Poll without pause until C{port} listens; the perf_counter then."""
+        """Poll until C{port} listens; the perf_counter then."""
         deadline = time.perf_counter() + LISTEN_TIMEOUT_SECS
         while True:
             now = time.perf_counter()
@@ -87,6 +92,8 @@ class Listening:
                 return now
             if now > deadline:
                 raise RuntimeError(f"qBittorrent did not listen on {port}")
+            if self._pause:
+                time.sleep(self._pause)
 
 
 def wanted(port: int) -> str:
@@ -198,9 +205,16 @@ class CurlScript:
 
 
 def startDaemon(
-    rig: QBittorrentRig, directory: Path, portFile: Path, extra: str = ""
+    rig: QBittorrentRig,
+    directory: Path,
+    portFile: Path,
+    extra: str = "",
+    inside: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """The real daemon following C{portFile}; the password in its environment."""
+    """
+    The real daemon following C{portFile}; the password in its environment.
+    C{inside}: in qBittorrent's namespace, where no other link comes and goes.
+    """
     config = directory / f"{portFile.parent.name}.toml"
     config.write_text(
         f'[qbittorrent]\nbase_url = "{rig.baseURL}"\n'
@@ -212,8 +226,9 @@ def startDaemon(
         QB_PORT_SYNC_QB_PASSWORD=rig.password,
         STATE_DIRECTORY=str(directory),
     )
+    argv = [sys.executable, "-m", "qbportsync", "--config", str(config)]
     return subprocess.Popen(
-        [sys.executable, "-m", "qbportsync", "--config", str(config)],
+        rig.namespace.command(argv) if inside else argv,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -318,11 +333,15 @@ def footprint(daemon: Daemon, listening: Listening, changes: int) -> tuple[int, 
 def idleCPU(
     rig: QBittorrentRig, directory: Path, listening: Listening, secs: float
 ) -> float:
-    """CPU seconds per hour of a daemon at the defaults with nothing to do."""
+    """
+    CPU seconds per hour of a daemon at the defaults with nothing to do, in
+    qBittorrent's namespace: the host's network changes (other tests'
+    links) would wake it, as they would not on a quiet host.
+    """
     portFile = directory / "idle" / "forwarded_port"
     portFile.parent.mkdir()
     portFile.write_text("45000\n")
-    daemon = startDaemon(rig, directory, portFile)
+    daemon = startDaemon(rig, directory, portFile, inside=True)
     try:
         waitFor(lambda: listening.now(45000), "the idle daemon's port", 30, 0.01)
         time.sleep(2)  # past the first verify's listener probe
@@ -334,8 +353,14 @@ def idleCPU(
     return used * 3600 / secs
 
 
-def oneShot(rig: QBittorrentRig, directory: Path, runs: int) -> tuple[float, float]:
-    """Median wall time of C{--once} (port in place) and of the import floor."""
+def oneShot(
+    rig: QBittorrentRig, directory: Path, runs: int
+) -> tuple[float, float, float]:
+    """
+    Median wall time of C{--once} (port in place), of the import floor, and
+    of a login, which every one-shot run makes and qBittorrent takes its
+    time to check.
+    """
     portFile = directory / "once" / "forwarded_port"
     portFile.parent.mkdir()
     portFile.write_text("46000\n")
@@ -355,11 +380,18 @@ def oneShot(rig: QBittorrentRig, directory: Path, runs: int) -> tuple[float, flo
     _, code = timed(once, env)  # applies the port; warms the page cache
     if code != 0:
         raise RuntimeError(f"--once exited with {code}")
-    onceTimes, floorTimes = [], []
+    onceTimes, floorTimes, loginTimes = [], [], []
     for _ in range(runs):
         onceTimes.append(timed(once, env)[0])
         floorTimes.append(timed(floor, env)[0])
-    return statistics.median(onceTimes), statistics.median(floorTimes)
+        started = time.perf_counter()
+        login(rig)
+        loginTimes.append(time.perf_counter() - started)
+    return (
+        statistics.median(onceTimes),
+        statistics.median(floorTimes),
+        statistics.median(loginTimes),
+    )
 
 
 def machine() -> list[str]:
@@ -404,6 +436,12 @@ def main(argv: list[str], out: IO[str] = sys.stdout) -> None:
     parser.add_argument("--footprint", type=int, default=1000, help="changes")
     parser.add_argument("--idle-secs", type=float, default=90.0)
     parser.add_argument("--once-runs", type=int, default=10)
+    parser.add_argument(
+        "--poll-us",
+        type=float,
+        default=100.0,
+        help="microseconds between two reads of /proc/PID/net/tcp (0: spin)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("inotifywait") is None or shutil.which("curl") is None:
         raise SystemExit("needs inotifywait (inotify-tools) and curl")
@@ -415,7 +453,7 @@ def main(argv: list[str], out: IO[str] = sys.stdout) -> None:
         directory = Path(tmp)
         for line in machine():
             say(line)
-        listening = Listening(rig.pid)
+        listening = Listening(rig.pid, args.poll_us / 1e6)
         try:
             results, daemon = latencies(rig, directory, listening, args.changes)
             say(f"\nfile or call -> libtorrent listening, {args.changes} changes each:")
@@ -434,11 +472,12 @@ def main(argv: list[str], out: IO[str] = sys.stdout) -> None:
                 f"daemon idle CPU at the defaults: {perHour:.2f} s per hour "
                 f"(measured over {args.idle_secs:g} s)"
             )
-            once, imports = oneShot(rig, directory, args.once_runs)
+            once, imports, loggingIn = oneShot(rig, directory, args.once_runs)
             say(
                 f"--once, port in place: {once:.3f} s (median of {args.once_runs}); "
-                f"importing twisted.internet.reactor and treq: {imports:.3f} s; "
-                f"difference {once - imports:+.3f} s"
+                f"importing twisted.internet.reactor and treq: {imports:.3f} s "
+                f"(difference {once - imports:+.3f} s); a login alone: "
+                f"{loggingIn:.3f} s (what is left: {once - imports - loggingIn:+.3f} s)"
             )
         finally:
             listening.close()
