@@ -22,12 +22,12 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from treq.client import HTTPClient
 from twisted.internet import defer, error, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from qbportsync.config import ConfigError, QBittorrentConfig
@@ -89,7 +89,44 @@ def makeHTTPClient(
         policy = BrowserLikePolicyForHTTPS(trustRoot=trustRoot)
     else:
         policy = BrowserLikePolicyForHTTPS()
-    return HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+    return HTTPClient(
+        Agent(reactor, contextFactory=policy, pool=pool),
+        data_to_body_producer=_wholeBody,
+    )
+
+
+@implementer(IBodyProducer)
+class _WholeBody:
+    """
+    A small request body written together with the headers: one segment
+    for qBittorrent to read, where treq's default producer writes it one
+    reactor turn later, in a segment of its own.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _wholeBody(data: object) -> IBodyProducer:
+    """treq's body producer: ours for bytes (our forms), treq's for the rest."""
+    if isinstance(data, bytes):
+        return _WholeBody(data)
+    producer: IBodyProducer = IBodyProducer(data)
+    return producer
 
 
 def _loadTrustRoot(path: str) -> object:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import ipaddress
 import json
 import math
@@ -24,8 +25,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import FileBodyProducer, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface.verify import verifyObject
@@ -37,6 +40,7 @@ from qbportsync.qbittorrent import (
     LoginRefused,
     QBittorrentClient,
     QBittorrentError,
+    _wholeBody,
     makeHTTPClient,
 )
 from qbportsync.refusals import (
@@ -1154,6 +1158,22 @@ class TLSTests(TestCase):
             self.assertIn(path, str(error))
             self.assertIn("ca_file", str(error))
 
+    async def test_applyOverTCP(self) -> None:
+        """Over a real connection, the forms reach qBittorrent whole: applied."""
+        fake = FakeQBittorrent(password=PASSWORD)
+        port = self.reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        config = QBittorrentConfig(
+            base_url=f"http://127.0.0.1:{port.getHost().port}", password=PASSWORD
+        )
+        pool = HTTPConnectionPool(self.reactor, persistent=False)
+        client = newClient(
+            self, self.reactor, makeHTTPClient(self.reactor, config, pool), config
+        )
+        result = await client.apply(40000)
+        self.assertEqual(result, ApplyResult(40000, 8999, True, True, ""))
+        self.assertEqual(fake.preferences["listen_port"], 40000)
+
     async def test_refused(self) -> None:
         """A closed port fails with 'connection refused', naming the URL."""
         probe = self.reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
@@ -1166,6 +1186,26 @@ class TLSTests(TestCase):
         error = await self.assertFailure(client.version(), QBittorrentError)
         self.assertIn(f"http://127.0.0.1:{closed}/api/v2/auth/login", str(error))
         self.assertIn("connection refused", str(error))
+
+
+class BodyTests(SynchronousTestCase):
+    """How request bodies are handed to Twisted."""
+
+    def test_writtenAtOnce(self) -> None:
+        """
+        A form is written while the request starts, with the headers, and
+        its length is known.
+        """
+        producer = _wholeBody(b"json=%7B%7D")
+        consumer = StringTransport()
+        done = producer.startProducing(consumer)
+        self.assertEqual(consumer.value(), b"json=%7B%7D")
+        self.assertEqual(producer.length, 11)
+        self.assertIsNone(self.successResultOf(done))
+
+    def test_filesAsTreqDoes(self) -> None:
+        """Anything but bytes gets treq's own producer."""
+        self.assertIsInstance(_wholeBody(io.BytesIO(b"x")), FileBodyProducer)
 
 
 class RelistenTests(SynchronousTestCase):
