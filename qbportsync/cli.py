@@ -95,7 +95,7 @@ async def applyOnce(
         forwarded = await source.fetchOnce()
     except (ConfigError, SourceUnavailable) as e:
         # What only the source can find out (no route to a gateway, a
-        # WireGuard link without one, gluetun refusing the key) is code 3
+        # WireGuard link without one) is code 3
         # whatever the strategy: auto, which tries several, says 3 for all.
         return Outcome(EXIT_UNSUPPORTED, source.name, note=str(e))
     except SourceError as e:

@@ -460,10 +460,10 @@ class SourceStepTests(CheckTestCase):
         )
 
     def test_gluetunRefused(self) -> None:
-        """gluetun refusing our key fails with exit 3, as the one-shot does."""
+        """gluetun refusing our key fails with exit 1 (auth), as the one-shot does."""
         self.gluetun.apiKey = "their-key"
         step = self.step(self.check(self.writeConfig(), "gluetun"), "gluetun")
-        self.assertEqual((step.verdict, step.exitCode), ("fail", 3))
+        self.assertEqual((step.verdict, step.exitCode), ("fail", 1))
         self.assertIn("[gluetun] api_key", step.detail)
 
     def test_autoChoosesGluetun(self) -> None:

@@ -244,7 +244,7 @@ class GluetunIntegrationTests(SynchronousTestCase):
 
     def test_wrongKey(self) -> None:
         """
-        A wrong API key: the one-shot exits 3 naming [gluetun] api_key; the
+        A wrong API key: the one-shot exits 1 (auth) naming [gluetun] api_key; the
         daemon says so, and qBittorrent keeps its port.
         """
         gluetun = Gluetun(self, 45200)
@@ -253,7 +253,7 @@ class GluetunIntegrationTests(SynchronousTestCase):
             ["--once", "--json", "--strategy", "gluetun", "--config", config],
             key="wrong-key",
         )
-        self.assertEqual(process.wait(30), 3, self.output())
+        self.assertEqual(process.wait(30), 1, self.output())
         [line] = [
             line
             for line in self.outputs[0].read_text().splitlines()

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from qbportsync.backoff import Backoff
-from qbportsync.config import ConfigError, GluetunConfig
+from qbportsync.config import GluetunConfig
 from qbportsync.interfaces import (
     Forwarded,
     IPortSource,
@@ -45,8 +45,11 @@ KIND = "gluetun"
 """Label of qb_port_sync_errors_total for gluetun's troubles."""
 
 
-class GluetunRefused(ConfigError):
-    """gluetun refused our credentials (401/403): only the user can fix it."""
+class GluetunRefused(SourceError):
+    """
+    gluetun refused our credentials (401/403): only the user can fix it.
+    Exit code 1, as a refused qBittorrent login: the contract's "auth".
+    """
 
 
 class _Problem(Exception):
