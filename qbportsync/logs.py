@@ -52,11 +52,16 @@ _LEGACY = frozenset(
 _OURS = frozenset({"MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "TWISTED_NAMESPACE"})
 _FIELD_MAX = 64
 
-QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory", "log_legacy")
+QUIET_NAMESPACES = (
+    "twisted.web.client._HTTP11ClientFactory",
+    "log_legacy",
+    "twisted.internet.base",
+)
 """
 Loggers whose info lines only show at debug level: a "Starting factory" per
-HTTP request, and Twisted's old-style lines for every port and protocol
-started or stopped.  Their warnings and errors still show.
+HTTP request, Twisted's old-style lines for every port and protocol started
+or stopped, and the reactor's "Main loop terminated" that ends every
+one-shot.  Their warnings and errors still show.
 """
 
 

@@ -111,10 +111,15 @@ class TextTests(SynchronousTestCase):
 
     def test_quietNamespaces(self) -> None:
         """
-        treq's per-request "Starting factory" lines and Twisted's old-style
-        port and protocol lines show only at debug; their warnings always.
+        treq's per-request "Starting factory" lines, Twisted's old-style
+        port and protocol lines and the reactor's "Main loop terminated" show
+        only at debug; their warnings always.
         """
-        for namespace in ("twisted.web.client._HTTP11ClientFactory", "log_legacy"):
+        for namespace in (
+            "twisted.web.client._HTTP11ClientFactory",
+            "log_legacy",
+            "twisted.internet.base",
+        ):
             self.assertIn(namespace, QUIET_NAMESPACES)
             for level, shown in [(LogLevel.info, False), (LogLevel.debug, True)]:
                 stream = io.StringIO()
