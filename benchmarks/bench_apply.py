@@ -4,8 +4,9 @@ client, over real HTTP on 127.0.0.1 to the qBittorrent emulation.
 
     .venv/bin/python -m benchmarks.bench_apply [CHANGES]
 
-Each change is: the source reports a port, PortSync asks qBittorrent for its
-preferences, sets the port, reads it back.  Prints the latency of a change
+Each change is: the source reports a port, PortSync sets it in qBittorrent
+and reads it back (two requests: the preferences are known from the last
+read).  Prints the latency of a change
 and the memory held after all of them, so that a leak (old ports, Deferreds,
 timers, connections) shows up as growth.
 """

@@ -29,10 +29,11 @@ from tests.rig_gateway import (
 
 RECOVERY_LIMIT_SECS = 90.0
 """Past a renewal at half the default lease: a reboot not noticed at all."""
-SETTLE_SECS = 35.0
+SETTLE_SECS = 40.0
 """
 Between a recovery and the next reboot: past the daemon's renewal period at
-the default lease (30 s), within which it acts on one announcement only.
+the default lease (NAT-PMP 30 s, PCP up to 37.5 s), within which it acts on
+one announcement only.
 """
 CONNECT_TIMEOUT_SECS = 0.3
 

@@ -275,9 +275,15 @@ def rssKiB(pid: int) -> int:
 
 
 def cpuSecs(pid: int) -> float:
-    """User plus system CPU time of C{pid} so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """
+    CPU time of C{pid}'s threads so far, from the scheduler's nanosecond
+    counts (C{/proc/PID/stat} counts in ticks of 10 ms: too coarse for an
+    idle daemon).
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
