@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -101,13 +102,15 @@ class GatewaySource:
     the gateway changes).
     """
 
+    methods: ClassVar[Sequence[MappingMethod]]
+    """The mapping protocols a subclass speaks, in the order tried."""
+
     def __init__(
         self,
         reactor: IReactorTime,
         config: Config,
         metrics: Metrics,
         sinkPort: Callable[[], Deferred[int]],
-        methods: Sequence[MappingMethod],
         *,
         networkEvents: INetworkEvents | None = None,
         resolvePath: PathResolver = resolvePath,
@@ -117,7 +120,6 @@ class GatewaySource:
         self._config = config
         self._metrics = metrics
         self._sinkPort = sinkPort
-        self._methods = methods
         self._networkEvents = networkEvents
         self._resolvePath = resolvePath
         self._random = random
@@ -146,7 +148,7 @@ class GatewaySource:
     @property
     def name(self) -> str:
         """The protocol spoken now (or about to be tried)."""
-        return self._methods[self._index].name
+        return self.methods[self._index].name
 
     def start(self, deliver: Report) -> None:
         self._deliver = deliver
@@ -192,7 +194,7 @@ class GatewaySource:
             try:
                 return await self._mapConverged(mapper)
             except (WrongProtocol, GatewayTimeout) as e:
-                if self._methodChosen or self._index + 1 == len(self._methods):
+                if self._methodChosen or self._index + 1 == len(self.methods):
                     raise
                 tried = self.name
                 await self._closeMapper()
@@ -231,7 +233,7 @@ class GatewaySource:
             self._nonces,
         )
         try:
-            self._mapper = self._methods[self._index].open(context)
+            self._mapper = self.methods[self._index].open(context)
         except CannotListenError as e:
             # The address went away between the route lookup and the bind.
             raise SourceError(
@@ -598,27 +600,7 @@ class GatewaySource:
 class NATPMPSource(GatewaySource):
     """The forwarded port as a NAT-PMP gateway grants it, kept alive."""
 
-    def __init__(
-        self,
-        reactor: IReactorTime,
-        config: Config,
-        metrics: Metrics,
-        sinkPort: Callable[[], Deferred[int]],
-        *,
-        networkEvents: INetworkEvents | None = None,
-        resolvePath: PathResolver = resolvePath,
-        random: Callable[[], float] = random.random,
-    ) -> None:
-        super().__init__(
-            reactor,
-            config,
-            metrics,
-            sinkPort,
-            [NATPMP],
-            networkEvents=networkEvents,
-            resolvePath=resolvePath,
-            random=random,
-        )
+    methods = (NATPMP,)
 
 
 class PCPSource(GatewaySource):
@@ -627,24 +609,4 @@ class PCPSource(GatewaySource):
     that answers in NAT-PMP or not at all is asked with NAT-PMP instead.
     """
 
-    def __init__(
-        self,
-        reactor: IReactorTime,
-        config: Config,
-        metrics: Metrics,
-        sinkPort: Callable[[], Deferred[int]],
-        *,
-        networkEvents: INetworkEvents | None = None,
-        resolvePath: PathResolver = resolvePath,
-        random: Callable[[], float] = random.random,
-    ) -> None:
-        super().__init__(
-            reactor,
-            config,
-            metrics,
-            sinkPort,
-            [PCP, NATPMP],
-            networkEvents=networkEvents,
-            resolvePath=resolvePath,
-            random=random,
-        )
+    methods = (PCP, NATPMP)
