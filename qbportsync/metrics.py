@@ -121,33 +121,32 @@ class Metrics:
         ns = "qb_port_sync"
         info = Info("build", "Version of qbportsync.", namespace=ns, registry=registry)
         info.info({"version": __version__.short()})
-        errors = Counter(
+
+        def labelled(name: str, doc: str, label: str, values: Iterable[str]) -> Counter:
+            """A counter with one label, every value of it present from zero."""
+            counter = Counter(name, doc, [label], namespace=ns, registry=registry)
+            for value in values:
+                counter.labels(value)
+            return counter
+
+        errors = labelled(
             "errors",
             "Failures by kind: qbittorrent, auth, gateway, file, parse, gluetun.",
-            ["kind"],
-            namespace=ns,
-            registry=registry,
+            "kind",
+            ERROR_KINDS,
         )
-        for kind in ERROR_KINDS:
-            errors.labels(kind=kind)
-        heals = Counter(
+        heals = labelled(
             "listener_heals",
             "Times qBittorrent was made to listen again, by method: address, port.",
-            ["method"],
-            namespace=ns,
-            registry=registry,
+            "method",
+            HEAL_METHODS,
         )
-        for method in HEAL_METHODS:
-            heals.labels(method=method)
-        hookRuns = Counter(
+        hookRuns = labelled(
             "hook_runs",
             "Runs of the on-change hook by result: ok, failed, timeout, error.",
-            ["result"],
-            namespace=ns,
-            registry=registry,
+            "result",
+            HOOK_RESULTS,
         )
-        for result in HOOK_RESULTS:
-            hookRuns.labels(result=result)
         return cls(
             registry=registry,
             port_updates=Counter(
