@@ -15,13 +15,13 @@ import stat
 import sys
 import tomllib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Literal, NoReturn, TextIO
+from typing import Any, Literal, NoReturn, TextIO, TypeVar
 
 from attrs import evolve, frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.python import usage
 from twisted.web.client import Agent
 from zope.interface import implementer
@@ -72,6 +72,8 @@ from qbportsync.tap import (
 )
 
 Verdict = Literal["ok", "fail", "skip"]
+_Answer = TypeVar("_Answer")
+"""What a gateway exchange in L{Checker} returns when it succeeds."""
 
 REQUEST_TIMEOUT = 5.0
 """Seconds any one HTTP request of the check may take."""
@@ -573,23 +575,40 @@ class Checker:
         steps.append(await self.externalAddress(gateway, bind))
         return steps
 
+    async def _exchange(
+        self,
+        name: str,
+        gateway: str,
+        bind: str,
+        client: DatagramProtocol,
+        ask: Callable[[], Awaitable[_Answer]],
+    ) -> _Answer | Step:
+        """
+        Ask the gateway through C{client}, bound to C{bind}: its answer, or
+        the failed step C{name} when none came.
+        """
+        port = self._reactor.listenUDP(0, client, interface=bind)
+        try:
+            return await ask()
+        except CancelledError:
+            return failed(name, _closed(gateway), _NO_FORWARDING, EXIT_UNSUPPORTED)
+        except (SourceError, SourceUnavailable) as e:
+            return failed(name, str(e), _NO_FORWARDING, _exitClass(e))
+        finally:
+            await closePort(port)
+
     async def externalAddress(self, gateway: str, bind: str) -> Step:
         """NAT-PMP: the gateway's external address and epoch."""
         client = NATPMPClient(self._reactor, gateway, Metrics.create(), lambda e: None)
-        port = self._reactor.listenUDP(0, client, interface=bind)
-        try:
-            response = await client.request(ExternalAddressRequest(), GATEWAY_TRIES)
-        except CancelledError:
-            return failed("natpmp", _closed(gateway), _NO_FORWARDING, EXIT_UNSUPPORTED)
-        except (SourceError, SourceUnavailable) as e:
-            return failed(
-                "natpmp",
-                str(e),
-                _NO_FORWARDING,
-                _exitClass(e),
-            )
-        finally:
-            await closePort(port)
+        response = await self._exchange(
+            "natpmp",
+            gateway,
+            bind,
+            client,
+            lambda: client.request(ExternalAddressRequest(), GATEWAY_TRIES),
+        )
+        if isinstance(response, Step):
+            return response
         if isinstance(response, NATPMPUnsupported):
             return failed(
                 "natpmp",
@@ -622,21 +641,16 @@ class Checker:
         client = PCPClient(
             self._reactor, gateway, Metrics.create(), lambda e: None, lambda r: None
         )
-        port = self._reactor.listenUDP(0, client, interface=bind)
         waits = [RETRY_INITIAL * 2**n for n in range(GATEWAY_TRIES)]
-        try:
-            response = await client.send(AnnounceRequest(client.clientAddress), waits)
-        except CancelledError:
-            return failed("pcp", _closed(gateway), _NO_FORWARDING, EXIT_UNSUPPORTED)
-        except (SourceError, SourceUnavailable) as e:
-            return failed(
-                "pcp",
-                str(e),
-                _NO_FORWARDING,
-                _exitClass(e),
-            )
-        finally:
-            await closePort(port)
+        response = await self._exchange(
+            "pcp",
+            gateway,
+            bind,
+            client,
+            lambda: client.send(AnnounceRequest(client.clientAddress), waits),
+        )
+        if isinstance(response, Step):
+            return response
         if isinstance(response, PCPUnsupported):
             return failed(
                 "pcp",
