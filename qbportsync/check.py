@@ -69,6 +69,7 @@ from qbportsync.tap import (
     STRATEGIES,
     makeSource,
     refusalStore,
+    strategyOption,
 )
 
 Verdict = Literal["ok", "fail", "skip"]
@@ -777,11 +778,7 @@ class CheckOptions(usage.Options):
 
     def opt_strategy(self, value: str) -> None:
         """The port source to check: file, natpmp, pcp, gluetun or auto."""
-        if value not in STRATEGIES:
-            raise usage.UsageError(
-                f"--strategy must be one of {', '.join(STRATEGIES)}, not {value!r}"
-            )
-        self["strategy"] = value
+        self["strategy"] = strategyOption(value)
 
     opt_s = opt_strategy
 

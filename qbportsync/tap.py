@@ -50,6 +50,15 @@ READY_GRACE_SECS = 10.0
 """Tell systemd we are up after this long even if no port has come yet."""
 
 
+def strategyOption(value: str) -> str:
+    """C{value} of a C{--strategy} option, if it names one of L{STRATEGIES}."""
+    if value not in STRATEGIES:
+        raise usage.UsageError(
+            f"--strategy must be one of {', '.join(STRATEGIES)}, not {value!r}"
+        )
+    return value
+
+
 class Options(usage.Options):
     """Options of the daemon and of the one-shot run."""
 
@@ -101,11 +110,7 @@ class Options(usage.Options):
 
     def opt_strategy(self, value: str) -> None:
         """Where the forwarded port comes from: file, natpmp, pcp, gluetun or auto."""
-        if value not in STRATEGIES:
-            raise usage.UsageError(
-                f"--strategy must be one of {', '.join(STRATEGIES)}, not {value!r}"
-            )
-        self["strategy"] = value
+        self["strategy"] = strategyOption(value)
 
     opt_s = opt_strategy
 
