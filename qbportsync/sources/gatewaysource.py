@@ -352,9 +352,9 @@ class GatewaySource:
                 external=mapped.port,
                 internal=self._internalPort,
             )
-            await self._releaseAll(mapper)
+            await self._release(mapper, LogLevel.debug)
             self._internalPort = mapped.port
-        await self._releaseAll(mapper)
+        await self._release(mapper, LogLevel.debug)
         gateway = "" if self._path is None else f" {self._path.gateway}"
         raise GatewayMoves(
             f"gateway{gateway} never forwarded an external port to the same "
@@ -410,18 +410,25 @@ class GatewaySource:
             )
         return again
 
-    async def _releaseAll(self, mapper: Mapper) -> None:
+    async def _release(self, mapper: Mapper, failed: LogLevel) -> None:
+        """
+        Delete every mapping we hold; one that cannot be deleted is logged
+        at level C{failed} and forgotten all the same (it lapses by itself).
+        """
         assert self._internalPort is not None
         granted, self._granted = self._granted, {}
         for protocol in granted:
             try:
                 await mapper.release(protocol, self._internalPort)
             except (SourceError, SourceUnavailable) as e:
-                _log.debug(
+                _log.emit(
+                    failed,
                     "could not delete our {protocol} mapping: {error}",
                     protocol=protocol,
                     error=e,
                 )
+            else:
+                _log.info("deleted our {protocol} mapping", protocol=protocol)
 
     def _forwarded(self, mapped: MappedPort) -> Forwarded:
         expires = self._reactor.seconds() + mapped.lifetime
@@ -575,26 +582,11 @@ class GatewaySource:
             self._keeper.stop()
         mapper = self._mapper
         if self._config.portmap.release_on_exit and mapper is not None:
-            await self._release(mapper)
+            await self._release(mapper, LogLevel.warn)
         await self._closeMapper()
         port, self._announcePort, self._listener = self._announcePort, None, None
         if port is not None:
             await closePort(port)
-
-    async def _release(self, mapper: Mapper) -> None:
-        assert self._internalPort is not None
-        for protocol in list(self._granted):
-            try:
-                await mapper.release(protocol, self._internalPort)
-            except (SourceError, SourceUnavailable) as e:
-                _log.warn(
-                    "could not delete our {protocol} mapping: {error}",
-                    protocol=protocol,
-                    error=e,
-                )
-            else:
-                del self._granted[protocol]
-                _log.info("deleted our {protocol} mapping", protocol=protocol)
 
 
 class NATPMPSource(GatewaySource):
