@@ -255,7 +255,7 @@ class PortSync(Service):
         self._inFlight = d.addCallbacks(
             self._applied, self._failed, errbackArgs=(port,)
         ).addCallback(self._observeDuration, started)
-        self._inFlight.addBoth(self._finished)
+        self._inFlight.addBoth(self._finished, port)
 
     def _applied(self, result: ApplyResult) -> None:
         now = self._reactor.seconds()
@@ -398,10 +398,14 @@ class PortSync(Service):
     def _observeDuration(self, ignored: object, started: float) -> None:
         self._metrics.apply_duration.observe(self._reactor.seconds() - started)
 
-    def _finished(self, result: object) -> None:
+    def _finished(self, result: object, port: int) -> None:
         self._inFlight = None
         if isinstance(result, Failure):
             _log.failure("Unexpected error while updating qBittorrent", result)
+        if port != self._wanted:
+            # A port that came during this apply is worth trying at once, as
+            # it would have been a moment later, whatever this one's outcome.
+            self._cancelRetry()
         waiting, self._firstAttempt = self._firstAttempt or [], None
         for d in waiting:
             d.callback(None)

@@ -5,6 +5,7 @@ line of output, on every way out.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
+from qbportsync import cli
 from qbportsync.cli import Outcome, Plan, applyOnce, main, oneShot
 from qbportsync.config import ConfigError
 from qbportsync.interfaces import Forwarded, SourceError, SourceUnavailable
@@ -419,3 +421,25 @@ class OneShotImportTests(SynchronousTestCase):
             self.assertEqual(
                 [m for m in loaded if m.startswith(DAEMON_ONLY)], [], strategy
             )
+
+
+class RunTests(SynchronousTestCase):
+    """The console-script entry point."""
+
+    def test_exitSkipsTheLastCollection(self) -> None:
+        """
+        Whatever the run's outcome, the heap is frozen before the
+        interpreter exits, which then does not walk every object again.
+        """
+        for code in (0, 3):
+
+            def exiting(main: object, argv: list[object], code: int = code) -> None:
+                raise SystemExit(code)
+
+            self.patch(cli, "react", exiting)
+            gc.unfreeze()
+            self.addCleanup(gc.unfreeze)
+            with self.assertRaises(SystemExit) as caught:
+                cli.run()
+            self.assertEqual(caught.exception.code, code)
+            self.assertGreater(gc.get_freeze_count(), 0)

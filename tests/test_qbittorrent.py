@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from attrs import evolve
 from cryptography import x509
@@ -23,19 +23,26 @@ from treq.testing import StubTreq
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IListeningPort,
+    IReactorPluggableNameResolver,
+    IReactorTime,
+)
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import FileBodyProducer, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from qbportsync.config import ConfigError, QBittorrentConfig
 from qbportsync.interfaces import ApplyResult, IPortSink
 from qbportsync.qbittorrent import (
+    READ_BACK_PAUSE_SECS,
     RELISTEN_PAUSE_SECS,
     LoginRefused,
     QBittorrentClient,
@@ -59,6 +66,8 @@ PREFS = f"{BASE}/api/v2/app/preferences"
 LOGIN = f"{BASE}/api/v2/auth/login"
 TEST_HASH_COST = 2**4
 """scrypt's N in tests: the production cost would take seconds in all."""
+
+T = TypeVar("T")
 
 
 def qbConfig(
@@ -101,6 +110,12 @@ def makeClient(
         store or refusalStore(case, clock),
     )
     return client, clock
+
+
+def afterPause(clock: Clock, d: Deferred[T]) -> Deferred[T]:
+    """C{d}, once the pause before the read-back has passed on C{clock}."""
+    clock.advance(READ_BACK_PAUSE_SECS)
+    return d
 
 
 def stubClient(resource: Resource) -> HTTPClient:
@@ -268,9 +283,9 @@ class LoginTests(SynchronousTestCase):
     def test_loginOnce(self) -> None:
         """Calls after a login reuse the session instead of logging in again."""
         fake = FakeQBittorrent(password=PASSWORD)
-        client, _ = makeClient(self, fake)
+        client, clock = makeClient(self, fake)
         for port in (1000, 2000, 3000):
-            self.successResultOf(client.apply(port))
+            self.successResultOf(afterPause(clock, client.apply(port)))
         self.assertEqual(fake.loginAttempts, 1)
 
     def test_oneLoginAtATime(self) -> None:
@@ -545,8 +560,8 @@ class APIKeyTests(SynchronousTestCase):
     def test_bearer(self) -> None:
         """Every call carries the key as a Bearer token and nothing logs in."""
         fake = FakeQBittorrent("5.2", password="unused", apiKey=API_KEY)
-        client, _ = makeClient(self, fake, qbConfig(apiKey=API_KEY, password=""))
-        result = self.successResultOf(client.apply(4321))
+        client, clock = makeClient(self, fake, qbConfig(apiKey=API_KEY, password=""))
+        result = self.successResultOf(afterPause(clock, client.apply(4321)))
         self.assertEqual(result.verified, True)
         self.assertEqual(fake.loginAttempts, 0)
         self.assertEqual(
@@ -593,8 +608,10 @@ class HeaderTests(SynchronousTestCase):
 
     def originFor(self, baseURL: str, origin: str, host: str) -> None:
         fake = FakeQBittorrent(password=PASSWORD)
-        client, _ = makeClient(self, fake, qbConfig(baseURL=baseURL))
-        self.assertTrue(self.successResultOf(client.apply(2345)).verified)
+        client, clock = makeClient(self, fake, qbConfig(baseURL=baseURL))
+        self.assertTrue(
+            self.successResultOf(afterPause(clock, client.apply(2345))).verified
+        )
         self.assertEqual(fake.loginAttempts, 1)
         for request in fake.requests:
             self.assertEqual(request.headers["origin"], origin)
@@ -675,9 +692,12 @@ class HeaderTests(SynchronousTestCase):
         root.putChild(b"tools", proxied)
         proxied.putChild(b"qbt", fake.resource())
         config = qbConfig("https://proxy.example.net/tools/qbt/")
-        client = newClient(self, Clock(), stubClient(root), config)
+        clock = Clock()
+        client = newClient(self, clock, stubClient(root), config)
         self.assertEqual(client.baseURL, "https://proxy.example.net/tools/qbt")
-        self.assertTrue(self.successResultOf(client.apply(3456)).verified)
+        self.assertTrue(
+            self.successResultOf(afterPause(clock, client.apply(3456))).verified
+        )
         self.assertEqual(fake.preferences["listen_port"], 3456)
         self.assertEqual(
             fake.requests[0].headers["origin"], "https://proxy.example.net"
@@ -691,9 +711,9 @@ class ApplyTests(SynchronousTestCase):
         """The port is set with random port and UPnP off, then read back."""
         for version in ("4.5", "5.2"):
             fake = FakeQBittorrent(version, password=PASSWORD)
-            client, _ = makeClient(self, fake)
+            client, clock = makeClient(self, fake)
             with capturedLogs() as events:
-                result = self.successResultOf(client.apply(51413))
+                result = self.successResultOf(afterPause(clock, client.apply(51413)))
             self.assertEqual(result, ApplyResult(51413, 8999, True, True, ""))
             posted = [r for r in fake.requests if r.path.endswith("/setPreferences")]
             self.assertEqual(len(posted), 1)
@@ -707,8 +727,9 @@ class ApplyTests(SynchronousTestCase):
         """The form field json holds exactly listen_port, random_port, upnp."""
         fake = FakeQBittorrent(password=PASSWORD)
         spy = _Spy(fake.resource())
-        client = newClient(self, Clock(), stubClient(spy), qbConfig())
-        self.successResultOf(client.apply(40000))
+        clock = Clock()
+        client = newClient(self, clock, stubClient(spy), qbConfig())
+        self.successResultOf(afterPause(clock, client.apply(40000)))
         self.assertEqual(
             [json.loads(s) for s in spy.posted],
             [{"listen_port": 40000, "random_port": False, "upnp": False}],
@@ -723,14 +744,52 @@ class ApplyTests(SynchronousTestCase):
         self.assertEqual(result, ApplyResult(40000, 40000, False, True, ""))
         self.assertNotIn("/api/v2/app/setPreferences", [r.path for r in fake.requests])
 
+    def test_readBackAfterPause(self) -> None:
+        """
+        A posted change is read back only READ_BACK_PAUSE_SECS later on the
+        client's clock, on the first change as on later ones.
+        """
+        fake = FakeQBittorrent(password=PASSWORD)
+        client, clock = makeClient(self, fake)
+        for port, previous, posting in (
+            (40000, 8999, ["POST auth/login", GET_PREFS, SET_PREFS]),
+            (40001, 40000, [SET_PREFS]),
+        ):
+            fake.requests.clear()
+            d = client.apply(port)
+            self.assertEqual(_calls(fake), posting)
+            self.assertEqual(fake.preferences["listen_port"], port)
+            self.assertNoResult(d)
+            clock.advance(READ_BACK_PAUSE_SECS / 2)
+            self.assertEqual(_calls(fake), posting)
+            self.assertNoResult(d)
+            clock.advance(READ_BACK_PAUSE_SECS / 2)
+            self.assertEqual(_calls(fake), [*posting, GET_PREFS])
+            result = self.successResultOf(d)
+            self.assertEqual(result, ApplyResult(port, previous, True, True, ""))
+
+    def test_noPauseWithoutChange(self) -> None:
+        """
+        An apply that posts nothing fires at once, the preferences read
+        first or read again: no pause is left waiting on the clock.
+        """
+        fake = FakeQBittorrent(password=PASSWORD)
+        fake.preferences.update(listen_port=40000, upnp=False)
+        client, clock = makeClient(self, fake)
+        for _ in range(2):
+            result = self.successResultOf(client.apply(40000))
+            self.assertEqual(result, ApplyResult(40000, 40000, False, True, ""))
+            self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertNotIn(SET_PREFS, _calls(fake))
+
     def test_samePortOtherwiseWrong(self) -> None:
         """The same port with random port or UPnP on is set again."""
         for changes in ({"random_port": True}, {"upnp": True}):
             fake = FakeQBittorrent(password=PASSWORD)
             fake.preferences.update(listen_port=40000, upnp=False)
             fake.preferences.update(changes)
-            client, _ = makeClient(self, fake)
-            result = self.successResultOf(client.apply(40000))
+            client, clock = makeClient(self, fake)
+            result = self.successResultOf(afterPause(clock, client.apply(40000)))
             self.assertEqual(result, ApplyResult(40000, 40000, True, True, ""))
             self.assertEqual(fake.preferences["random_port"], False)
             self.assertEqual(fake.preferences["upnp"], False)
@@ -740,8 +799,10 @@ class ApplyTests(SynchronousTestCase):
         for wanted in ("wg0", "WireGuard tunnel"):
             fake = FakeQBittorrent("5.2", password=PASSWORD)
             fake.interfaces.append({"name": "WireGuard tunnel", "value": "wg0"})
-            client, _ = makeClient(self, fake)
-            result = self.successResultOf(client.apply(40000, wanted))
+            client, clock = makeClient(self, fake)
+            result = self.successResultOf(
+                afterPause(clock, client.apply(40000, wanted))
+            )
             self.assertEqual(result, ApplyResult(40000, 8999, True, True, ""))
             self.assertEqual(fake.preferences["current_network_interface"], "wg0")
 
@@ -763,17 +824,17 @@ class ApplyTests(SynchronousTestCase):
         fake.preferences.update(
             listen_port=40000, upnp=False, current_network_interface="eth0"
         )
-        client, _ = makeClient(self, fake)
-        result = self.successResultOf(client.apply(40000, "wg0"))
+        client, clock = makeClient(self, fake)
+        result = self.successResultOf(afterPause(clock, client.apply(40000, "wg0")))
         self.assertEqual(result.applied, True)
         self.assertEqual(fake.preferences["current_network_interface"], "wg0")
 
     def test_interfaceMissing(self) -> None:
         """An unlisted interface: warn, set the port anyway, say so in the note."""
         fake = FakeQBittorrent(password=PASSWORD)
-        client, _ = makeClient(self, fake)
+        client, clock = makeClient(self, fake)
         with warnings() as events:
-            result = self.successResultOf(client.apply(40000, "wg0"))
+            result = self.successResultOf(afterPause(clock, client.apply(40000, "wg0")))
         self.assertEqual((result.applied, result.verified), (True, True))
         self.assertIn("wg0", result.note)
         self.assertEqual(fake.preferences["listen_port"], 40000)
@@ -788,27 +849,27 @@ class ApplyTests(SynchronousTestCase):
         """
         fake = FakeQBittorrent("5.2", password=PASSWORD)
         fake.ignoreSetPreferences = True
-        client, _ = makeClient(self, fake)
+        client, clock = makeClient(self, fake)
         with warnings() as events:
-            result = self.successResultOf(client.apply(40000))
+            result = self.successResultOf(afterPause(clock, client.apply(40000)))
         self.assertEqual(result, ApplyResult(40000, 8999, True, False, ""))
         self.assertEqual(events, [])
 
     def test_portRange(self) -> None:
         """Ports outside 1-65535 fail with ValueError before any request."""
         fake = FakeQBittorrent(password=PASSWORD)
-        client, _ = makeClient(self, fake)
+        client, clock = makeClient(self, fake)
         for port in (0, -5, 65536, 70000):
             self.failureResultOf(client.apply(port), ValueError)
         self.assertEqual(fake.requests, [])
-        self.successResultOf(client.apply(65535))
-        self.successResultOf(client.apply(1))
+        self.successResultOf(afterPause(clock, client.apply(65535)))
+        self.successResultOf(afterPause(clock, client.apply(1)))
 
     def test_firstApplyReadsFirst(self) -> None:
         """The first apply reads the preferences, sets the port, reads them back."""
         fake = FakeQBittorrent(password=PASSWORD)
-        client, _ = makeClient(self, fake)
-        self.successResultOf(client.apply(40000))
+        client, clock = makeClient(self, fake)
+        self.successResultOf(afterPause(clock, client.apply(40000)))
         self.assertEqual(
             _calls(fake),
             ["POST auth/login", GET_PREFS, SET_PREFS, GET_PREFS],
@@ -822,11 +883,13 @@ class ApplyTests(SynchronousTestCase):
         for version in ("4.5", "5.2"):
             fake = FakeQBittorrent(version, password=PASSWORD)
             fake.interfaces.append({"name": "WireGuard tunnel", "value": "wg0"})
-            client, _ = makeClient(self, fake)
-            self.successResultOf(client.apply(40000, "wg0"))
+            client, clock = makeClient(self, fake)
+            self.successResultOf(afterPause(clock, client.apply(40000, "wg0")))
             for previous, port in ((40000, 40001), (40001, 40002), (40002, 40001)):
                 fake.requests.clear()
-                result = self.successResultOf(client.apply(port, "wg0"))
+                result = self.successResultOf(
+                    afterPause(clock, client.apply(port, "wg0"))
+                )
                 self.assertEqual(result, ApplyResult(port, previous, True, True, ""))
                 self.assertEqual(_calls(fake), [SET_PREFS, GET_PREFS])
                 self.assertEqual(fake.preferences["listen_port"], port)
@@ -837,20 +900,20 @@ class ApplyTests(SynchronousTestCase):
     def test_steadyStatePrevious(self) -> None:
         """A change made without reading first still names the port before it."""
         fake = FakeQBittorrent(password=PASSWORD)
-        client, _ = makeClient(self, fake)
-        self.successResultOf(client.apply(40000))
-        result = self.successResultOf(client.apply(40001))
+        client, clock = makeClient(self, fake)
+        self.successResultOf(afterPause(clock, client.apply(40000)))
+        result = self.successResultOf(afterPause(clock, client.apply(40001)))
         self.assertEqual(result, ApplyResult(40001, 40000, True, True, ""))
 
     def test_verifyReadKnown(self) -> None:
         """A periodic read of the port is what the next change starts from."""
         fake = FakeQBittorrent(password=PASSWORD)
-        client, _ = makeClient(self, fake)
-        self.successResultOf(client.apply(40000))
+        client, clock = makeClient(self, fake)
+        self.successResultOf(afterPause(clock, client.apply(40000)))
         fake.preferences.update(listen_port=6881, upnp=True)
         self.assertEqual(self.successResultOf(client.listenPort()), 6881)
         fake.requests.clear()
-        result = self.successResultOf(client.apply(40001))
+        result = self.successResultOf(afterPause(clock, client.apply(40001)))
         self.assertEqual(result, ApplyResult(40001, 6881, True, True, ""))
         self.assertEqual(_calls(fake), [SET_PREFS, GET_PREFS])
         self.assertEqual(fake.preferences["upnp"], False)
@@ -861,15 +924,15 @@ class ApplyTests(SynchronousTestCase):
         read can tell: it is made, and a port changed since is set back.
         """
         fake = FakeQBittorrent(password=PASSWORD)
-        client, _ = makeClient(self, fake)
-        self.successResultOf(client.apply(40000))
+        client, clock = makeClient(self, fake)
+        self.successResultOf(afterPause(clock, client.apply(40000)))
         fake.requests.clear()
         result = self.successResultOf(client.apply(40000))
         self.assertEqual(result, ApplyResult(40000, 40000, False, True, ""))
         self.assertEqual(_calls(fake), [GET_PREFS])
         fake.preferences["listen_port"] = 6881
         fake.requests.clear()
-        result = self.successResultOf(client.apply(40000))
+        result = self.successResultOf(afterPause(clock, client.apply(40000)))
         self.assertEqual(result, ApplyResult(40000, 6881, True, True, ""))
         self.assertEqual(_calls(fake), [GET_PREFS, SET_PREFS, GET_PREFS])
 
@@ -880,17 +943,17 @@ class ApplyTests(SynchronousTestCase):
         """
         fake = FakeQBittorrent(password=PASSWORD)
         fake.interfaces.append({"name": "wg0", "value": "wg0"})
-        client, _ = makeClient(self, fake)
-        self.successResultOf(client.apply(40000, "wg0"))
+        client, clock = makeClient(self, fake)
+        self.successResultOf(afterPause(clock, client.apply(40000, "wg0")))
         fake.expireSessions()
         fake.requests.clear()
-        self.successResultOf(client.apply(40001, "wg0"))
+        self.successResultOf(afterPause(clock, client.apply(40001, "wg0")))
         self.assertEqual(
             _calls(fake), [SET_PREFS, "POST auth/login", SET_PREFS, GET_PREFS]
         )
         self.assertEqual(fake.preferences["listen_port"], 40001)
         fake.requests.clear()
-        self.successResultOf(client.apply(40002, "wg0"))
+        self.successResultOf(afterPause(clock, client.apply(40002, "wg0")))
         self.assertEqual(
             _calls(fake),
             ["GET app/networkInterfaceList", SET_PREFS, GET_PREFS],
@@ -900,24 +963,24 @@ class ApplyTests(SynchronousTestCase):
     def test_failureReadsFirst(self) -> None:
         """After a failed change the next one reads the preferences first."""
         fake = FakeQBittorrent(password=PASSWORD)
-        client, _ = makeClient(self, fake)
-        self.successResultOf(client.apply(40000))
+        client, clock = makeClient(self, fake)
+        self.successResultOf(afterPause(clock, client.apply(40000)))
         fake.failNext(500, endpoint="app/setPreferences")
         self.failureResultOf(client.apply(40001), QBittorrentError)
         fake.requests.clear()
-        self.successResultOf(client.apply(40001))
+        self.successResultOf(afterPause(clock, client.apply(40001)))
         self.assertEqual(_calls(fake), [GET_PREFS, SET_PREFS, GET_PREFS])
 
     def test_relistenReadsFirst(self) -> None:
         """After a relisten the next change reads the preferences first."""
         fake = FakeQBittorrent(password=PASSWORD)
         client, clock = makeClient(self, fake)
-        self.successResultOf(client.apply(40000))
+        self.successResultOf(afterPause(clock, client.apply(40000)))
         d = client.relisten(40000, "", "port")
         clock.advance(RELISTEN_PAUSE_SECS)
         self.successResultOf(d)
         fake.requests.clear()
-        self.successResultOf(client.apply(40001))
+        self.successResultOf(afterPause(clock, client.apply(40001)))
         self.assertEqual(_calls(fake), [GET_PREFS, SET_PREFS, GET_PREFS])
 
     def test_verifyObject(self) -> None:
@@ -1023,8 +1086,8 @@ class SecretTests(SynchronousTestCase):
             collect(client.listenPort())
 
             good = FakeQBittorrent(password=PASSWORD)
-            client, _ = makeClient(self, good)
-            self.successResultOf(client.apply(1000, "wg0"))
+            client, goodClock = makeClient(self, good)
+            self.successResultOf(afterPause(goodClock, client.apply(1000, "wg0")))
             good.failNext(500, b"", "app/setPreferences")
             collect(client.apply(2000))
 
@@ -1254,3 +1317,56 @@ class RelistenTests(SynchronousTestCase):
             [s["listen_port"] for s in self.relisten(fake, 65535, "port")],
             [65534, 65535],
         )
+
+
+@implementer(IHostnameResolver)
+class _NoteNames:
+    """A name resolver that only notes the names it is asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def resolveHostName(
+        self, receiver: object, hostName: str, *args: object, **kw: object
+    ) -> object:
+        self.asked.append(hostName)
+        return object()
+
+
+@implementer(IReactorPluggableNameResolver)
+class _ResolvingReactor(MemoryReactorClock):
+    """A memory reactor whose name lookups are noted, never answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nameResolver = _NoteNames()
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        raise NotImplementedError()
+
+
+class ConnectTests(SynchronousTestCase):
+    """How the HTTP client reaches qBittorrent."""
+
+    def test_addressNotLookedUp(self) -> None:
+        """
+        An IPv4 address is connected to at once, over TLS too: no name
+        lookup (a thread, and CPU, at every new connection).
+        """
+        for scheme in ("http", "https"):
+            reactor = _ResolvingReactor()
+            http = makeHTTPClient(reactor, qbConfig(f"{scheme}://192.0.2.7:8080"))
+            http.get(f"{scheme}://192.0.2.7:8080/api/v2/app/version")
+            self.assertEqual(reactor.nameResolver.asked, [])
+            self.assertEqual(
+                [(host, port) for host, port, *_ in reactor.tcpClients],
+                [("192.0.2.7", 8080)],
+            )
+
+    def test_nameLookedUp(self) -> None:
+        """A host name is looked up before any connection."""
+        reactor = _ResolvingReactor()
+        http = makeHTTPClient(reactor, qbConfig("http://qbittorrent:8080"))
+        http.get("http://qbittorrent:8080/api/v2/app/version")
+        self.assertEqual(reactor.nameResolver.asked, ["qbittorrent"])
+        self.assertEqual(reactor.tcpClients, [])

@@ -248,6 +248,24 @@ class RetryTests(SyncTestsMixin, SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(len(self.sink.applies), 2)
 
+    def test_portDuringApplyNotHeldBack(self) -> None:
+        """
+        A port that comes while another is being applied goes next, at
+        once, whatever the other's outcome: it is not held back by the
+        wait that outcome would start (a tug-of-war's, a failure's).
+        """
+        outcomes: list[Callable[[], None]] = [
+            lambda: self.sink.succeed(verified=False),
+            lambda: self.sink.applies[-1][2].errback(QBittorrentError("boom")),
+        ]
+        for port, outcome in enumerate(outcomes, 40000):
+            self.source.emit(port)
+            self.source.emit(port + 100)
+            outcome()
+            self.assertEqual(self.sink.applies[-1][0], port + 100)
+            self.sink.succeed()
+            self.assertEqual(self.sync.status.applied_port, port + 100)
+
     def test_stopCancelsAndStops(self) -> None:
         """Stopping cancels the request in flight, stops the source, no retry."""
         self.source.emit(40000)
