@@ -451,10 +451,10 @@ def report(
 
 def main(argv: list[str], out: IO[str] = sys.stdout) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--changes", type=int, default=200, help="per contender")
+    parser.add_argument("--changes", type=int, default=300, help="per contender")
     parser.add_argument("--footprint", type=int, default=1000, help="changes")
-    parser.add_argument("--idle-secs", type=float, default=90.0)
-    parser.add_argument("--once-runs", type=int, default=10)
+    parser.add_argument("--idle-secs", type=float, default=600.0)
+    parser.add_argument("--once-runs", type=int, default=15)
     parser.add_argument(
         "--poll-us",
         type=float,

@@ -65,9 +65,9 @@ RELISTEN_PAUSE_SECS = 0.5
 
 READ_BACK_PAUSE_SECS = 0.03
 """
-Between setting the port and reading it back: qBittorrent passes new
-settings to libtorrent only after it has answered, and a read arriving at
-once delays the new listening socket by a fifth (measured on 4.5.2).
+Between setting the port and reading it back: libtorrent opens the new
+listening socket after qBittorrent has answered, and a read arriving at
+once holds it back by a fifth (measured on 4.5.2, C{benchmarks/bench_speed}).
 """
 
 RefusalReason = Literal["credentials", "banned"]
