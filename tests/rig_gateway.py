@@ -652,9 +652,9 @@ class ClientQBittorrent:
         ).stdout
         return int(out)
 
-    def listenPortVia(self, agent: Agent) -> int | None:
+    def preferencesVia(self, agent: Agent) -> dict[str, Any] | None:
         """
-        qBittorrent's listening port read through C{agent} (in the client
+        qBittorrent's preferences read through C{agent} (in the client
         namespace), logging in when needed; None if it does not answer.
         """
         url = f"{self.baseURL}/api/v2/app/preferences"
@@ -665,8 +665,13 @@ class ClientQBittorrent:
             code, body = agent.http(url)
         if code != 200:
             return None
-        port: int = json.loads(body)["listen_port"]
-        return port
+        preferences: dict[str, Any] = json.loads(body)
+        return preferences
+
+    def listenPortVia(self, agent: Agent) -> int | None:
+        """qBittorrent's listening port (L{preferencesVia}), or None."""
+        preferences = self.preferencesVia(agent)
+        return None if preferences is None else int(preferences["listen_port"])
 
 
 _FETCH = """\
@@ -817,12 +822,14 @@ def writeDaemonConfig(
     *,
     gateway: bool = True,
     verifyInterval: float = 2.0,
+    bindInterface: str = "",
     **portmap: object,
 ) -> Path:
     """
     A configuration for the daemon: C{[portmap]} from C{portmap}, the
-    gateway's address only with C{gateway} (else it is discovered), metrics
-    and /status on 127.0.0.1:L{STATUS_PORT}.
+    gateway's address only with C{gateway} (else it is discovered),
+    qBittorrent bound to C{bindInterface} when given, metrics and /status on
+    127.0.0.1:L{STATUS_PORT}.
     """
     lines = [
         "[qbittorrent]",
@@ -835,6 +842,8 @@ def writeDaemonConfig(
     if gateway:
         lines.append(f'gateway = "{rig.gatewayAddress}"')
     lines += [f"{key} = {json.dumps(value)}" for key, value in portmap.items()]
+    if bindInterface:
+        lines += ["[net]", f'bind_interface = "{bindInterface}"']
     lines += [
         "[metrics]",
         "enabled = true",

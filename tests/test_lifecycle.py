@@ -46,6 +46,8 @@ LIFETIME = 8
 SLOW = os.environ.get("QBPORTSYNC_SLOW") == "1"
 OUTAGE = 180.0 if SLOW else 15.0
 """A gateway outage (3 minutes, scaled down outside slow runs)."""
+BOUNCE_SECS = 3.0
+"""How long the tunnel stays down when it bounces."""
 CONNECT_TIMEOUT = 0.5
 PROTON_PORT = 45678
 
@@ -136,11 +138,20 @@ class _Lifecycle:
         self.peer = Agent(self.rig, self.rig.wan)
         return self.rig
 
-    def startDaemon(self, gateway: bool = True, **portmap: object) -> Daemon:
-        """The daemon, asking the gateway for C{LIFETIME}-second leases."""
+    def startDaemon(
+        self, gateway: bool = True, bindInterface: str = "", **portmap: object
+    ) -> Daemon:
+        """
+        The daemon, asking the gateway for C{LIFETIME}-second leases, and
+        binding qBittorrent to C{bindInterface} when given.
+        """
         portmap.setdefault("lifetime_secs", LIFETIME)
         config = writeDaemonConfig(
-            self.rig, self.qbittorrent, gateway=gateway, **portmap
+            self.rig,
+            self.qbittorrent,
+            gateway=gateway,
+            bindInterface=bindInterface,
+            **portmap,
         )
         self.daemon = Daemon(self.rig, config, self.protocol, self.client)
         return self.daemon
@@ -375,6 +386,26 @@ class _Scenarios(_Lifecycle):
         rig.vpnUp("198.51.100.3")
         started = time.monotonic()
         self.reachable("5 new tunnel address", started)
+
+    def test_boundTunnelBounce(self) -> None:
+        """
+        qBittorrent bound to the tunnel, which goes down for a few seconds
+        and comes back with the same address (an OpenVPN with persist-tun):
+        the mapping and qBittorrent's binding hold, and a peer connects
+        again within 10 s.
+        """
+        rig = self.build()
+        started = time.monotonic()
+        self.startDaemon(gateway=False, bindInterface="c0")
+        self.reachable("start", started, START_LIMIT, record=False)
+        rig.vpnDown()
+        # Down long enough for qBittorrent and libtorrent to notice.
+        time.sleep(BOUNCE_SECS)
+        rig.vpnUp()
+        started = time.monotonic()
+        self.reachable(f"5 bound tunnel down {BOUNCE_SECS:g}s", started)
+        preferences = self.qbittorrent.preferencesVia(self.client) or {}
+        self.assertEqual(preferences.get("current_network_interface"), "c0")
 
     def test_newGateway(self) -> None:
         """
