@@ -395,8 +395,7 @@ class Checker:
                     "set one of them to the Web UI password",
                     EXIT_CONFIG,
                 ),
-                skip("csrf", "needs a login"),
-                skip("version", "needs a login"),
+                *_NEEDS_LOGIN,
             ]
         # The record every run shares: no login while a refusal is on it.
         client = QBittorrentClient(self._reactor, http, qb, self._refusals(config))
@@ -416,8 +415,7 @@ class Checker:
                 )
             return [
                 failed("login", str(e), fix, EXIT_TRANSIENT),
-                skip("csrf", "needs a login"),
-                skip("version", "needs a login"),
+                *_NEEDS_LOGIN,
             ]
         except QBittorrentError as e:
             if "401 Unauthorized" in str(e):
@@ -436,8 +434,7 @@ class Checker:
                 ]
             return [
                 failed("login", str(e), "see the error above", EXIT_TRANSIENT),
-                skip("csrf", "needs a login"),
-                skip("version", "needs a login"),
+                *_NEEDS_LOGIN,
             ]
         api = (await self._get(http, qb, "app/webapiVersion")).strip()[:20]
         listed = await self._get(http, qb, "app/networkInterfaceList")
@@ -719,6 +716,9 @@ class Checker:
         d.addTimeout(REQUEST_TIMEOUT, self._reactor)
         return await d
 
+
+_NEEDS_LOGIN = (skip("csrf", "needs a login"), skip("version", "needs a login"))
+"""The steps a login that was not made leaves unchecked."""
 
 _NO_FORWARDING = (
     "the VPN server must offer port forwarding (ProtonVPN: a P2P server, and "
