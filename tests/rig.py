@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -122,6 +123,14 @@ def stopProcess(process: subprocess.Popen[Any], grace: float = 5.0) -> int:
     return process.returncode
 
 
+def freePort() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def _ip(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["ip", *argv], check=True, capture_output=True, text=True, timeout=10
@@ -185,6 +194,24 @@ class NetworkNamespace:
         return namespace
 
     def _configure(self) -> None:
+        # No IPv6 inside (sysctl needs procps, which may be missing); the
+        # default also holds for the link made next, and made again by bounce.
+        self.run(
+            [
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "
+                "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+            ]
+        )
+        self.run(["ip", "link", "set", "lo", "up"])
+        self._link()
+        routes = self.run(["ip", "-4", "route", "show", "default"]).stdout.strip()
+        if routes:
+            raise RuntimeError(f"namespace {self.name} has a default route: {routes}")
+
+    def _link(self) -> None:
+        """Create the veth pair, address both ends and bring them up."""
         plen = str(self.network.prefixlen)
         _ip(
             "link",
@@ -204,21 +231,16 @@ class NetworkNamespace:
         _ip("addr", "add", f"{self.clientAddress}/{plen}", "dev", self.hostInterface)
         _ip("addr", "add", f"{self.adminAddress}/{plen}", "dev", self.hostInterface)
         _ip("link", "set", self.hostInterface, "up")
-        # No IPv6 inside either (sysctl needs procps, which may be missing).
-        self.run(
-            [
-                "sh",
-                "-c",
-                "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "
-                "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
-            ]
-        )
-        self.run(["ip", "link", "set", "lo", "up"])
         self.run(["ip", "addr", "add", f"{self.address}/{plen}", "dev", "qbps0"])
         self.run(["ip", "link", "set", "qbps0", "up"])
-        routes = self.run(["ip", "-4", "route", "show", "default"]).stdout.strip()
-        if routes:
-            raise RuntimeError(f"namespace {self.name} has a default route: {routes}")
+
+    def bounce(self) -> None:
+        """
+        Delete the veth pair and create it again with the same names and
+        addresses, as C{wg-quick down} then C{up} does to a VPN interface.
+        """
+        _ip("link", "delete", self.hostInterface)
+        self._link()
 
     def command(self, argv: list[str]) -> list[str]:
         """C{argv} wrapped to run inside the namespace."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 import qbportsync
-from tests.rig import QBittorrentRig, requireQBittorrent, requireTool
+from tests.rig import QBittorrentRig, freePort, requireQBittorrent, requireTool
 from tests.rig_gateway import (
     GATEWAY_ADDRESS,
     GATEWAY_EXTERNAL,
@@ -30,13 +29,6 @@ from tests.rig_gateway import (
 ROOT = Path(qbportsync.__file__).parent.parent
 PASSWORD_ENV = "QB_PORT_SYNC_QB_PASSWORD"
 CHECK = [sys.executable, "-m", "qbportsync", "check"]
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def environment(password: str, state: Path) -> dict[str, str]:

@@ -27,8 +27,8 @@ from twisted.trial.unittest import SynchronousTestCase
 import qbportsync
 from qbportsync.sync import RESTORE_SPACING_SECS
 from tests.rig import (
-    NetworkNamespace,
     QBittorrentRig,
+    freePort,
     requireQBittorrent,
     stopProcess,
     waitFor,
@@ -440,46 +440,6 @@ def peerConnects(address: str, port: int) -> bool:
         return False
 
 
-def bounceLink(namespace: NetworkNamespace) -> None:
-    """
-    Delete the namespace's veth pair and create it again with the same names
-    and addresses, as C{wg-quick down} then C{up} does to a VPN interface.
-    """
-    plen = str(namespace.network.prefixlen)
-    host = namespace.hostInterface
-
-    def ip(*argv: str) -> None:
-        subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=10)
-
-    ip("link", "delete", host)
-    ip(
-        "link",
-        "add",
-        host,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "qbps0",
-        "netns",
-        namespace.name,
-    )
-    Path(f"/proc/sys/net/ipv6/conf/{host}/disable_ipv6").write_text("1")
-    for address in (namespace.clientAddress, namespace.adminAddress):
-        ip("addr", "add", f"{address}/{plen}", "dev", host)
-    ip("link", "set", host, "up")
-    namespace.run(["ip", "addr", "add", f"{namespace.address}/{plen}", "dev", "qbps0"])
-    namespace.run(["ip", "link", "set", "qbps0", "up"])
-
-
-def freePort() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 _REQUEST_LINE = re.compile(rb"(?:GET|POST) (/api/v2/\S+) HTTP/1\.[01]\r\n")
 
 
@@ -585,7 +545,7 @@ class ListenerHealTests(DaemonTestCase):
 
     def bounceAndShowRefused(self, port: int) -> float:
         """Bounce the link; a peer is refused; the time the link came back."""
-        bounceLink(self.rig.namespace)
+        self.rig.namespace.bounce()
         back = time.monotonic()
         self.assertFalse(
             peerConnects(self.rig.namespace.address, port),

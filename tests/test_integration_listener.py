@@ -15,7 +15,7 @@ from qbportsync.listener import probeListener
 from qbportsync.qbittorrent import QBittorrentClient, makeHTTPClient
 from qbportsync.refusals import RefusalStore
 from tests.rig import QBittorrentRig, requireQBittorrent, waitFor
-from tests.test_integration_daemon import bounceLink, peerConnects
+from tests.test_integration_daemon import peerConnects
 
 PORT = 40900
 LISTEN_LATENCY_SECS = 0.02
@@ -40,7 +40,7 @@ class RelistenTests(TestCase):
             {"current_network_interface": "qbps0", "listen_port": PORT}
         )
         waitFor(lambda: peerConnects(self.address, PORT), "a peer to connect")
-        bounceLink(self.rig.namespace)
+        self.rig.namespace.bounce()
         self.assertFalse(peerConnects(self.address, PORT), "not dead after a bounce")
         config = QBittorrentConfig(
             base_url=self.rig.baseURL,
