@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from attrs import field, frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -146,7 +146,7 @@ class RefusalStore:
         try:
             fd = self._openLock()
         except OSError as e:
-            return _failed(self._error("cannot open", self._lockPath, e))
+            return fail(self._error("cannot open", self._lockPath, e))
         started = self._reactor.seconds()
         pending: list[IDelayedCall] = []
 
@@ -412,9 +412,3 @@ def _wellFormed(data: object) -> bool:
     except (AttributeError, KeyError, TypeError, ValueError):
         return False
     return True
-
-
-def _failed(error: Exception) -> Deferred[LoginTurn]:
-    d: Deferred[LoginTurn] = Deferred()
-    d.errback(error)
-    return d
