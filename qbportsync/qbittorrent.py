@@ -373,7 +373,7 @@ class QBittorrentClient:
         await self._call(
             "POST", "app/setPreferences", {"json": json.dumps(wanted)}, (200, 204)
         )
-        await task.deferLater(self._reactor, READ_BACK_PAUSE_SECS, lambda: None)
+        await task.deferLater(self._reactor, READ_BACK_PAUSE_SECS)
         url, prefs = await self._preferences()
         actual = _portField(prefs, "listen_port", url)
         randomPort = prefs.get("random_port", False)
