@@ -34,8 +34,6 @@ from qbportsync.sources.auto import (
     portFileEvidence,
 )
 from tests.fakes import FakeNetworkEvents
-from tests.rig import waitFor
-from tests.test_integration_daemon import SLACK_SECS, DaemonTestCase
 from tests.test_netlink import ROOT
 
 PATH = "/run/user/1000/Proton/VPN/forwarded_port"
@@ -469,26 +467,3 @@ class KeepsDecidingTests(SynchronousTestCase):
         source.start(self.seen.append)
         clock.advance(60)
         self.assertEqual((source.name, events.observers), ("pcp", []))
-
-
-class DaemonSwitchTests(DaemonTestCase):
-    """The real daemon on --strategy auto, against a real qbittorrent-nox."""
-
-    def test_switchesToPortFile(self) -> None:
-        """A port file that appears while auto serves from the gateway is applied."""
-        self.portFile.parent.rmdir()
-        config = self.writeConfig()
-        with open(config, "a") as f:
-            # Nobody answers PCP on loopback: the gateway fails, and nothing leaves.
-            f.write('\n[portmap]\ngateway = "127.0.0.1"\n')
-        run = self.spawn(["--config", str(config), "--strategy", "auto"])
-        waitFor(
-            lambda: "auto chose the gateway" in run.output(),
-            "the daemon to choose the gateway",
-            timeout=30,
-        )
-        self.portFile.parent.mkdir()
-        self.writeInPlace("40123")
-        took = self.waitForPort(40123, timeout=FILE_CHECK_SECS + SLACK_SECS)
-        print(f"\nauto: port file applied {took:.2f} s after it appeared")
-        self.assertIn("auto switched from the gateway to the port file", run.output())
