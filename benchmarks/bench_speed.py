@@ -204,16 +204,12 @@ class CurlScript:
         stopProcess(self._process)
 
 
-def startDaemon(
-    rig: QBittorrentRig,
-    directory: Path,
-    portFile: Path,
-    extra: str = "",
-    inside: bool = False,
-) -> subprocess.Popen[bytes]:
+def configure(
+    rig: QBittorrentRig, directory: Path, portFile: Path, extra: str = ""
+) -> tuple[Path, dict[str, str]]:
     """
-    The real daemon following C{portFile}; the password in its environment.
-    C{inside}: in qBittorrent's namespace, where no other link comes and goes.
+    A configuration following C{portFile}, named after its directory, and
+    an environment with the password and C{directory} as the state directory.
     """
     config = directory / f"{portFile.parent.name}.toml"
     config.write_text(
@@ -226,6 +222,21 @@ def startDaemon(
         QB_PORT_SYNC_QB_PASSWORD=rig.password,
         STATE_DIRECTORY=str(directory),
     )
+    return config, env
+
+
+def startDaemon(
+    rig: QBittorrentRig,
+    directory: Path,
+    portFile: Path,
+    extra: str = "",
+    inside: bool = False,
+) -> subprocess.Popen[bytes]:
+    """
+    The real daemon following C{portFile}; the password in its environment.
+    C{inside}: in qBittorrent's namespace, where no other link comes and goes.
+    """
+    config, env = configure(rig, directory, portFile, extra)
     argv = [sys.executable, "-m", "qbportsync", "--config", str(config)]
     return subprocess.Popen(
         rig.namespace.command(argv) if inside else argv,
@@ -375,18 +386,8 @@ def oneShot(
     portFile = directory / "once" / "forwarded_port"
     portFile.parent.mkdir()
     portFile.write_text("46000\n")
-    config = directory / "once.toml"
-    config.write_text(
-        f'[qbittorrent]\nbase_url = "{rig.baseURL}"\n'
-        f'username = "{rig.username}"\n'
-        f'[protonvpn]\nforwarded_port_path = "{portFile}"\n'
-    )
-    env = dict(
-        os.environ,
-        QB_PORT_SYNC_QB_PASSWORD=rig.password,
-        STATE_DIRECTORY=str(directory),
-        PYTHONPYCACHEPREFIX=str(directory / "pycache"),
-    )
+    config, env = configure(rig, directory, portFile)
+    env["PYTHONPYCACHEPREFIX"] = str(directory / "pycache")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     once = [sys.executable, "-m", "qbportsync", "--once", "--config", str(config)]
     imports = "import twisted.internet.reactor, treq"
