@@ -143,6 +143,9 @@ class NATPMPEmulatedTests(SynchronousTestCase):
     def socket(self) -> FakeUDPTransport:
         return next(p for p in self.reactor.open() if p.connectedTo == SERVER)
 
+    def announcementPort(self) -> FakeUDPTransport:
+        return next(p for p in self.reactor.open() if p.port == 5350)
+
     def sentBetween(self, start: float, end: float) -> int:
         return sum(1 for at, _, _ in self.gateway.heard if start <= at < end)
 
@@ -244,7 +247,7 @@ class NATPMPEmulatedTests(SynchronousTestCase):
         self.letPass(10)
         self.gateway.reboot()
         self.assertFalse(self.reachable())
-        listener = next(p for p in self.reactor.open() if p.port == 5350).protocol
+        listener = self.announcementPort().protocol
         listener.datagramReceived(
             pcp.encodeResponse(pcp.AnnounceResponse(Result.SUCCESS, 0, 0)), SERVER
         )
@@ -398,7 +401,7 @@ class NATPMPEmulatedTests(SynchronousTestCase):
         self.started()
         self.untilReachable(5)
         sent = len(self.gateway.heard)
-        listener = next(p for p in self.reactor.open() if p.port == 5350).protocol
+        listener = self.announcementPort().protocol
         for sender in (("198.51.100.66", 5351), (GATEWAY, 5350)):
             listener.datagramReceived(
                 natpmp.encodeResponse(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from qbportsync.sources import pcp
 from qbportsync.sources.gatewaysource import GatewaySource, PCPSource
 from tests import test_natpmp_emulated
-from tests.fakeudp import GATEWAY, SERVER, path
+from tests.fakeudp import GATEWAY, path
 
 
 class PCPEmulatedTests(test_natpmp_emulated.NATPMPEmulatedTests):
@@ -53,7 +53,7 @@ class PCPEmulatedTests(test_natpmp_emulated.NATPMPEmulatedTests):
         self.started()
         self.untilReachable(5)
         first = self.pcpRequests()[-1].nonce
-        old = next(p for p in self.reactor.open() if p.connectedTo == SERVER)
+        old = self.socket()
         old.closedByReactor()
         self.letPass(10)
         self.assertTrue(self.reachable())
