@@ -45,6 +45,8 @@ from types import TracebackType
 from typing import Any, NoReturn, Self
 
 REQUIRE_ENV = "QBPORTSYNC_REQUIRE_INTEGRATION"
+CHECKOUT = Path(__file__).absolute().parent.parent
+"""The checkout these tests are in."""
 
 # Documentation ranges, in order of preference.  A range the host already
 # routes (this machine's own LAN is 192.0.2.0/24) is skipped: a more specific
@@ -129,6 +131,16 @@ def freePort() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def checkoutEnvironment(**extra: str) -> dict[str, str]:
+    """Our environment with this checkout first on C{PYTHONPATH}, and C{extra}."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(CHECKOUT), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    env.update(extra)
+    return env
 
 
 def _ip(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,6 @@ fail with the right exit code where not, and change nothing.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,13 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 import qbportsync
-from tests.rig import QBittorrentRig, freePort, requireQBittorrent, requireTool
+from tests.rig import (
+    QBittorrentRig,
+    checkoutEnvironment,
+    freePort,
+    requireQBittorrent,
+    requireTool,
+)
 from tests.rig_gateway import (
     GATEWAY_ADDRESS,
     GATEWAY_EXTERNAL,
@@ -33,13 +38,7 @@ CHECK = [sys.executable, "-m", "qbportsync", "check"]
 
 def environment(password: str, state: Path) -> dict[str, str]:
     """This checkout first, the password, a refusal record of the test's own."""
-    env = dict(os.environ)
-    env["STATE_DIRECTORY"] = str(state)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
-    )
-    env[PASSWORD_ENV] = password
-    return env
+    return checkoutEnvironment(STATE_DIRECTORY=str(state), **{PASSWORD_ENV: password})
 
 
 def steps(output: str) -> dict[str, tuple[str, str]]:

@@ -24,10 +24,10 @@ from typing import IO, Any, ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
-import qbportsync
 from qbportsync.sync import RESTORE_SPACING_SECS
 from tests.rig import (
     QBittorrentRig,
+    checkoutEnvironment,
     freePort,
     requireQBittorrent,
     stopProcess,
@@ -101,16 +101,12 @@ class DaemonTestCase(SynchronousTestCase):
 
     def environment(self, password: str | None) -> dict[str, str]:
         """The subprocess environment: this package first, the password."""
-        env = dict(os.environ)
-        packageRoot = str(Path(qbportsync.__file__).parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [packageRoot, *filter(None, [env.get("PYTHONPATH")])]
+        return checkoutEnvironment(
+            PYTHONUNBUFFERED="1",
+            # The test's own login-refusal record, never the host's.
+            STATE_DIRECTORY=str(self.directory / "state"),
+            **{PASSWORD_ENV: self.rig.password if password is None else password},
         )
-        env["PYTHONUNBUFFERED"] = "1"
-        # The test's own login-refusal record, never the host's.
-        env["STATE_DIRECTORY"] = str(self.directory / "state")
-        env[PASSWORD_ENV] = self.rig.password if password is None else password
-        return env
 
     def spawn(
         self,

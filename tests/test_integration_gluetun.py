@@ -7,7 +7,6 @@ its port to a real qbittorrent-nox, with the on-change hook a real script.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,7 +17,13 @@ from typing import IO
 from twisted.trial.unittest import SynchronousTestCase
 
 import qbportsync
-from tests.rig import QBittorrentRig, requireQBittorrent, stopProcess, waitFor
+from tests.rig import (
+    QBittorrentRig,
+    checkoutEnvironment,
+    requireQBittorrent,
+    stopProcess,
+    waitFor,
+)
 
 API_KEY = "gluetun-Integration-Key-5150"
 BASIC_USER = "bob"
@@ -27,17 +32,6 @@ PASSWORD_ENV = "QB_PORT_SYNC_QB_PASSWORD"
 KEY_ENV = "QB_PORT_SYNC_GLUETUN_API_KEY"
 GLUETUN_PASSWORD_ENV = "QB_PORT_SYNC_GLUETUN_PASSWORD"
 ROOT = Path(qbportsync.__file__).parent.parent
-
-
-def environment(**extra: str) -> dict[str, str]:
-    """Our environment with this checkout first on the path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
-    )
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 class Gluetun:
@@ -63,7 +57,7 @@ class Gluetun:
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            env=environment(),
+            env=checkoutEnvironment(PYTHONUNBUFFERED="1"),
             cwd=ROOT,
         )
         test.addCleanup(stopProcess, self.process)
@@ -135,13 +129,14 @@ class GluetunIntegrationTests(SynchronousTestCase):
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=environment(
+                env=checkoutEnvironment(
+                    PYTHONUNBUFFERED="1",
                     **{
                         PASSWORD_ENV: self.rig.password,
                         KEY_ENV: key,
                         GLUETUN_PASSWORD_ENV: password,
                         "STATE_DIRECTORY": str(self.directory / "state"),
-                    }
+                    },
                 ),
                 cwd=self.directory,
             )
