@@ -166,16 +166,15 @@ class PCPIntegrationTests(TestCase):
         """auto against the NAT-PMP-only double: outcome, seconds, what it heard."""
         self.makeRig()
         heard = self.rig.directory / f"double-{mode}.jsonl"
-        double = subprocess.Popen(
-            self.rig.command(
-                self.rig.client,
-                [sys.executable, "-m", "tests.test_integration_pcp", "--double", mode],
-            ),
-            cwd=PROJECT,
-            stdin=subprocess.DEVNULL,
-            stdout=open(heard, "wb"),  # noqa: SIM115 (closed with the process)
-            stderr=subprocess.DEVNULL,
-        )
+        argv = [sys.executable, "-m", "tests.test_integration_pcp", "--double", mode]
+        with open(heard, "wb") as out:
+            double = subprocess.Popen(
+                self.rig.command(self.rig.client, argv),
+                cwd=PROJECT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+            )
         self.rig.adopt(double)
         waitFor(lambda: heard.read_text().startswith("{"), "the double to listen", 10)
         code, outcome, elapsed = self.rig.oneShot(
