@@ -27,7 +27,6 @@ from tests.rig_gateway import GATEWAY_EXTERNAL, PROJECT, requireGatewayTools
 from tests.test_lifecycle import LIFETIME, START_LIMIT, _Lifecycle
 
 FORGED_PORT = 4444
-FORGED_LIFETIME = 2**32 - 1
 MARK = 0x4444
 """The forger's packets carry this mark, so the drop rule spares them."""
 WATCH = LIFETIME + 1.0
