@@ -135,8 +135,8 @@ class GatewaySource:
         self._mapper: Mapper | None = None
         self._path: GatewayPath | None = None
         self._announcePort: IListeningPort | None = None
-        self._listener: AnnouncementListener | None = None
         self._listenerPath: GatewayPath | None = None
+        """The path port 5350 was last opened for, even if opening it failed."""
         self._keeper: LeaseKeeper | None = None
         self._deliver: Report = lambda seen: None
         self._unsubscribe: Callable[[], None] | None = None
@@ -254,11 +254,11 @@ class GatewaySource:
         d.addErrback(lambda f: _log.failure("closing the gateway socket", failure=f))
 
     def _listenForAnnouncements(self, path: GatewayPath) -> None:
-        if self._listener is not None and self._listenerPath == path:
+        if self._listenerPath == path:
             return
         self._closeAnnouncements()
         self._listenerPath = path
-        self._listener = AnnouncementListener(
+        listener = AnnouncementListener(
             path.gateway,
             self._announced,
             self._metrics,
@@ -267,7 +267,7 @@ class GatewaySource:
         )
         try:
             transport = listenForAnnouncements(
-                IReactorMulticast(self._reactor), self._listener
+                IReactorMulticast(self._reactor), listener
             )
         except CannotListenError as e:
             _log.warn(
@@ -279,8 +279,7 @@ class GatewaySource:
         self._announcePort = IListeningPort(transport)
 
     def _closeAnnouncements(self) -> None:
-        port, self._announcePort = self._announcePort, None
-        self._listener = None
+        port, self._announcePort, self._listenerPath = self._announcePort, None, None
         if port is not None:
             d = Deferred.fromCoroutine(closePort(port))
             d.addErrback(lambda f: _log.failure("closing port 5350", failure=f))
@@ -584,7 +583,7 @@ class GatewaySource:
         if self._config.portmap.release_on_exit and mapper is not None:
             await self._release(mapper, LogLevel.warn)
         await self._closeMapper()
-        port, self._announcePort, self._listener = self._announcePort, None, None
+        port, self._announcePort, self._listenerPath = self._announcePort, None, None
         if port is not None:
             await closePort(port)
 
