@@ -15,7 +15,7 @@ import stat
 import sys
 import tomllib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Literal, NoReturn, TextIO, TypeVar
+from typing import Any, Literal, TextIO, TypeVar
 
 from attrs import evolve, frozen
 from treq.client import HTTPClient
@@ -26,7 +26,6 @@ from twisted.python import usage
 from twisted.web.client import Agent
 from zope.interface import implementer
 
-from qbportsync._version import __version__
 from qbportsync.config import (
     Config,
     ConfigError,
@@ -67,6 +66,7 @@ from qbportsync.tap import (
     EXIT_TRANSIENT,
     EXIT_UNSUPPORTED,
     STRATEGIES,
+    PrintingOptions,
     makeSource,
     refusalStore,
     strategyOption,
@@ -752,7 +752,7 @@ class _NoSink:
         raise AssertionError("check changes nothing")
 
 
-class CheckOptions(usage.Options):
+class CheckOptions(PrintingOptions):
     """C{qb-port-sync check [--config PATH] [--strategy S] [--json]}."""
 
     synopsis = "check [--config PATH] [--strategy NAME] [--json]"
@@ -772,25 +772,11 @@ class CheckOptions(usage.Options):
     ]
     optFlags = [["json", None, "Print one JSON object with the list of steps."]]
 
-    def __init__(self, stdout: TextIO) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._stdout = stdout
-
     def opt_strategy(self, value: str) -> None:
         """The port source to check: file, natpmp, pcp, gluetun or auto."""
         self["strategy"] = strategyOption(value)
 
     opt_s = opt_strategy
-
-    def opt_help(self) -> NoReturn:
-        """Display this help and exit."""
-        print(self, file=self._stdout)
-        raise SystemExit(0)
-
-    def opt_version(self) -> NoReturn:
-        """Print the version and exit."""
-        print(f"qbportsync {__version__.short()}", file=self._stdout)
-        raise SystemExit(0)
 
 
 async def runCheck(

@@ -59,7 +59,25 @@ def strategyOption(value: str) -> str:
     return value
 
 
-class Options(usage.Options):
+class PrintingOptions(usage.Options):
+    """C{--help} and C{--version} print to C{stdout} (sys.stdout if None)."""
+
+    def __init__(self, stdout: TextIO | None = None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._stdout = stdout
+
+    def opt_help(self) -> NoReturn:
+        """Display this help and exit."""
+        print(self, file=self._stdout or sys.stdout)
+        raise SystemExit(0)
+
+    def opt_version(self) -> NoReturn:
+        """Print the version and exit."""
+        print(f"qbportsync {__version__.short()}", file=self._stdout or sys.stdout)
+        raise SystemExit(0)
+
+
+class Options(PrintingOptions):
     """Options of the daemon and of the one-shot run."""
 
     synopsis = (
@@ -127,21 +145,7 @@ class Options(usage.Options):
 
     opt_l = opt_log_level
 
-    def __init__(self, stdout: TextIO | None = None) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._stdout = stdout
-
-    def opt_help(self) -> NoReturn:
-        """Display this help and exit."""
-        print(self, file=self._stdout or sys.stdout)
-        raise SystemExit(0)
-
-    def opt_version(self) -> NoReturn:
-        """Print the version and exit."""
-        print(f"qbportsync {__version__.short()}", file=self._stdout or sys.stdout)
-        raise SystemExit(0)
-
-    opt_V = opt_version
+    opt_V = PrintingOptions.opt_version
 
     def postOptions(self) -> None:
         """Check the options that only make sense together."""
